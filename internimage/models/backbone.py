@@ -1,0 +1,295 @@
+"""InternImage backbone (CVPR 2023): stem, four stages of DCNv3 blocks, downsampling.
+
+Module and parameter names follow the official implementation, so official
+checkpoints load unchanged (see :mod:`internimage.checkpoint`).
+"""
+from typing import Optional, Sequence
+
+import torch
+import torch.utils.checkpoint as cp
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+
+import ops_dcnv3
+from ops_dcnv3.modules import build_act_layer, build_norm_layer
+
+CORE_OPS = {"DCNv3": ops_dcnv3.DCNv3, "DCNv3_pytorch": ops_dcnv3.DCNv3_pytorch}
+
+
+class StemLayer(nn.Module):
+    """Two stride-2 3x3 convs to 1/4 resolution: NCHW image in, NHWC features out."""
+
+    def __init__(self, in_chans=3, out_chans=96, act_layer="GELU", norm_layer="BN"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, out_chans // 2, kernel_size=3, stride=2, padding=1)
+        self.norm1 = build_norm_layer(out_chans // 2, norm_layer, "channels_first", "channels_first")
+        self.act = build_act_layer(act_layer)
+        self.conv2 = nn.Conv2d(out_chans // 2, out_chans, kernel_size=3, stride=2, padding=1)
+        self.norm2 = build_norm_layer(out_chans, norm_layer, "channels_first", "channels_last")
+
+    def forward(self, x):
+        return self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
+
+
+class DownsampleLayer(nn.Module):
+    """Stride-2 3x3 conv doubling the channels, NHWC in and out."""
+
+    def __init__(self, channels, norm_layer="LN"):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 2 * channels, kernel_size=3, stride=2, padding=1, bias=False)
+        self.norm = build_norm_layer(2 * channels, norm_layer, "channels_first", "channels_last")
+
+    def forward(self, x):
+        return self.norm(self.conv(x.permute(0, 3, 1, 2)))
+
+
+class MLPLayer(nn.Module):
+    def __init__(self, in_features, hidden_features, act_layer="GELU", drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = build_act_layer(act_layer)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class InternImageLayer(nn.Module):
+    """One block: DCNv3 token mixer and MLP, each with a residual connection.
+
+    Pre-norm by default; ``post_norm`` normalises the branch output instead,
+    ``res_post_norm`` (InternImage-H) normalises the pre-norm branch output again,
+    and ``layer_scale`` multiplies each branch by a learned per-channel gamma.
+    """
+
+    def __init__(self, core_op, channels, groups, mlp_ratio=4.0, drop=0.0, drop_path=0.0, act_layer="GELU",
+                 norm_layer="LN", post_norm=False, layer_scale=None, offset_scale=1.0, with_cp=False,
+                 dw_kernel_size=None, res_post_norm=False, center_feature_scale=False, remove_center=False):
+        super().__init__()
+        self.channels = channels
+        self.groups = groups
+        self.mlp_ratio = mlp_ratio
+        self.with_cp = with_cp
+        self.post_norm = post_norm
+        self.res_post_norm = res_post_norm
+        self.norm1 = build_norm_layer(channels, "LN")
+        self.dcn = core_op(channels=channels, kernel_size=3, stride=1, pad=1, dilation=1, group=groups,
+                           offset_scale=offset_scale, act_layer=act_layer, norm_layer=norm_layer,
+                           dw_kernel_size=dw_kernel_size, center_feature_scale=center_feature_scale,
+                           remove_center=remove_center)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = build_norm_layer(channels, "LN")
+        self.mlp = MLPLayer(channels, int(channels * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.layer_scale = layer_scale is not None
+        if self.layer_scale:
+            self.gamma1 = nn.Parameter(layer_scale * torch.ones(channels))
+            self.gamma2 = nn.Parameter(layer_scale * torch.ones(channels))
+        if res_post_norm:
+            self.res_post_norm1 = build_norm_layer(channels, "LN")
+            self.res_post_norm2 = build_norm_layer(channels, "LN")
+
+    def _branch(self, x, mixer, norm, res_norm, gamma):
+        if self.post_norm:
+            y = norm(mixer(x))
+        elif self.res_post_norm:
+            y = res_norm(mixer(norm(x)))
+        else:
+            y = mixer(norm(x))
+        return y if gamma is None else gamma * y
+
+    def _forward(self, x):
+        gamma1 = self.gamma1 if self.layer_scale else None
+        gamma2 = self.gamma2 if self.layer_scale else None
+        x = x + self.drop_path(self._branch(x, self.dcn, self.norm1, getattr(self, "res_post_norm1", None), gamma1))
+        x = x + self.drop_path(self._branch(x, self.mlp, self.norm2, getattr(self, "res_post_norm2", None), gamma2))
+        return x
+
+    def forward(self, x):
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class InternImageBlock(nn.Module):
+    """One stage: ``depth`` blocks, optional level-2 post norms (H/G), final norm, downsampling."""
+
+    def __init__(self, core_op, channels, depth, groups, downsample=True, mlp_ratio=4.0, drop=0.0,
+                 drop_path=0.0, act_layer="GELU", norm_layer="LN", post_norm=False, offset_scale=1.0,
+                 layer_scale=None, with_cp=False, dw_kernel_size=None, post_norm_block_ids=None,
+                 res_post_norm=False, center_feature_scale=False, remove_center=False):
+        super().__init__()
+        self.channels = channels
+        self.depth = depth
+        self.post_norm = post_norm
+        self.center_feature_scale = center_feature_scale
+        drop_paths = drop_path if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
+        self.blocks = nn.ModuleList([
+            InternImageLayer(core_op=core_op, channels=channels, groups=groups, mlp_ratio=mlp_ratio, drop=drop,
+                             drop_path=drop_paths[i], act_layer=act_layer, norm_layer=norm_layer,
+                             post_norm=post_norm, layer_scale=layer_scale, offset_scale=offset_scale,
+                             with_cp=with_cp, dw_kernel_size=dw_kernel_size, res_post_norm=res_post_norm,
+                             center_feature_scale=center_feature_scale, remove_center=remove_center)
+            for i in range(depth)
+        ])
+        self.has_norm = not post_norm or center_feature_scale
+        if self.has_norm:
+            self.norm = build_norm_layer(channels, "LN")
+        self.post_norm_block_ids = list(post_norm_block_ids) if post_norm_block_ids is not None else None
+        if self.post_norm_block_ids is not None:
+            self.post_norms = nn.ModuleList([build_norm_layer(channels, "LN", eps=1e-6)
+                                             for _ in self.post_norm_block_ids])
+        self.downsample = DownsampleLayer(channels=channels, norm_layer=norm_layer) if downsample else None
+
+    def forward(self, x, return_wo_downsample=False):
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if self.post_norm_block_ids is not None and i in self.post_norm_block_ids:
+                x = self.post_norms[self.post_norm_block_ids.index(i)](x)
+        if self.has_norm:
+            x = self.norm(x)
+        features = x
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return (x, features) if return_wo_downsample else x
+
+
+class InternImage(BaseModule):
+    """InternImage backbone returning a list of NCHW feature maps (strides 4, 8, 16, 32).
+
+    Args:
+        core_op: 'DCNv3' (compiled kernels) or 'DCNv3_pytorch' (pure-PyTorch reference).
+        channels: channels C1 of the first stage; stage i has C1 * 2**i.
+        depths, groups: blocks and DCNv3 groups per stage.
+        mlp_ratio: hidden width of the MLPs relative to the channels.
+        drop_rate: dropout in the MLPs and after the stem.
+        drop_path_rate: stochastic depth rate, reached by the last block.
+        drop_path_type: 'linear' (grows over the blocks) or 'uniform'.
+        act_layer: 'GELU', 'ReLU' or 'SiLU'.
+        norm_layer: 'LN' or 'BN' for the stem, downsampling and DCNv3 depthwise branch.
+        layer_scale: initial value of the per-channel branch scales, or None for none.
+        offset_scale: DCNv3 offset scale.
+        post_norm: normalise branch outputs instead of inputs (S/B/L/XL/G).
+        with_cp: gradient checkpointing per block (saves memory, costs a recompute).
+        dw_kernel_size: depthwise kernel of the DCNv3 offset branch (5 for H/G).
+        level2_post_norm, level2_post_norm_block_ids: extra norms after these blocks of
+            stage 3 (H/G).
+        res_post_norm: normalise the pre-norm branch outputs again (H).
+        center_feature_scale: learned blend of DCNv3 output and input projection (H/G).
+        remove_center: DCNv3 without the kernel's centre point.
+        out_indices: which stages' outputs to return.
+        frozen_stages: -1 freezes nothing, 0 the stem, i >= 1 the stem and stages 1..i;
+            frozen modules stay in eval mode and without gradients, also after ``train()``.
+        init_cfg: mmengine init config; ``dict(type='Pretrained', checkpoint=PATH_OR_URL)``
+            loads any official or converted checkpoint through
+            :func:`internimage.checkpoint.load_backbone_weights`.
+    """
+
+    def __init__(self, core_op="DCNv3", channels=64, depths=(4, 4, 18, 4), groups=(4, 8, 16, 32),
+                 mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.2, drop_path_type="linear", act_layer="GELU",
+                 norm_layer="LN", layer_scale=None, offset_scale=1.0, post_norm=False, with_cp=False,
+                 dw_kernel_size=None, level2_post_norm=False, level2_post_norm_block_ids=None,
+                 res_post_norm=False, center_feature_scale=False, remove_center=False,
+                 out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        if core_op not in CORE_OPS:
+            raise ValueError(f"core_op must be one of {sorted(CORE_OPS)}, got {core_op!r}")
+        if drop_path_type not in ("linear", "uniform"):
+            raise ValueError(f"drop_path_type must be 'linear' or 'uniform', got {drop_path_type!r}")
+        if len(depths) != len(groups):
+            raise ValueError(f"depths and groups need one entry per stage, got {depths} and {groups}")
+        self.core_op = core_op
+        self.num_levels = len(depths)
+        self.depths = list(depths)
+        self.channels = channels
+        self.num_features = int(channels * 2 ** (self.num_levels - 1))
+        self.out_indices = tuple(out_indices)
+        self.frozen_stages = frozen_stages
+        self.post_norm = post_norm
+        self.mlp_ratio = mlp_ratio
+        self.level2_post_norm_block_ids = level2_post_norm_block_ids
+        if any(i < 0 or i >= self.num_levels for i in self.out_indices):
+            raise ValueError(f"out_indices must be in [0, {self.num_levels}), got {self.out_indices}")
+
+        self.patch_embed = StemLayer(3, channels, act_layer=act_layer, norm_layer=norm_layer)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+        total = sum(depths)
+        if drop_path_type == "uniform":
+            dpr = [drop_path_rate] * total
+        else:
+            dpr = [x.item() for x in torch.linspace(0, drop_path_rate, total)]
+        self.levels = nn.ModuleList()
+        for i in range(self.num_levels):
+            self.levels.append(InternImageBlock(
+                core_op=CORE_OPS[core_op], channels=int(channels * 2 ** i), depth=depths[i], groups=groups[i],
+                mlp_ratio=mlp_ratio, drop=drop_rate, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
+                act_layer=act_layer, norm_layer=norm_layer, post_norm=post_norm,
+                downsample=i < self.num_levels - 1, layer_scale=layer_scale, offset_scale=offset_scale,
+                with_cp=with_cp, dw_kernel_size=dw_kernel_size,
+                post_norm_block_ids=level2_post_norm_block_ids if level2_post_norm and i == 2 else None,
+                res_post_norm=res_post_norm, center_feature_scale=center_feature_scale,
+                remove_center=remove_center))
+        self.apply(self._init_module)
+        self._freeze_stages()
+
+    @staticmethod
+    def _init_module(m):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+        if isinstance(m, ops_dcnv3.DCNv3):
+            m._reset_parameters()
+
+    def init_weights(self):
+        """Load ``init_cfg=dict(type='Pretrained', checkpoint=...)`` through the project's
+        converter (any official or converted format); other init configs go to mmengine."""
+        if self.init_cfg is not None and self.init_cfg.get("type") == "Pretrained":
+            from internimage.checkpoint import load_backbone_weights
+
+            load_backbone_weights(self, self.init_cfg["checkpoint"],
+                                  prefix=self.init_cfg.get("prefix"),
+                                  map_location=self.init_cfg.get("map_location", "cpu"))
+            self._is_init = True
+            return
+        super().init_weights()
+
+    def _freeze_stages(self):
+        if self.frozen_stages >= 0:
+            frozen = [self.patch_embed] + list(self.levels[:self.frozen_stages])
+            for module in frozen:
+                module.eval()
+                for param in module.parameters():
+                    param.requires_grad = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        self._freeze_stages()
+        return self
+
+    def forward_stages(self, x):
+        """All stage outputs before downsampling, NHWC."""
+        x = self.pos_drop(self.patch_embed(x))
+        outs = []
+        for level in self.levels:
+            x, features = level(x, return_wo_downsample=True)
+            outs.append(features)
+        return outs
+
+    def forward(self, x):
+        """x: (N, 3, H, W) -> list of (N, C_i, H_i, W_i) for the stages in ``out_indices``."""
+        x = self.pos_drop(self.patch_embed(x))
+        outs = []
+        for i, level in enumerate(self.levels):
+            if i > max(self.out_indices):
+                break
+            x, features = level(x, return_wo_downsample=True)
+            if i in self.out_indices:
+                outs.append(features.permute(0, 3, 1, 2).contiguous())
+        return outs

@@ -1,0 +1,324 @@
+// CPU kernels of the DCNv3 operator (forward and backward).
+//
+// Layout is channels-last, so the Cg channels of one group at one pixel are
+// contiguous: every inner loop runs over them and is vectorised by the compiler
+// (the hot functions are cloned for AVX2/FMA and AVX-512 and picked at load time).
+// Sums are accumulated in float32 (float64 for float64 inputs).
+//
+// A sampling location outside the open box (-1, W) x (-1, H), or not finite
+// (NaN, +-Inf), contributes nothing to the output and receives no gradient; the
+// range test happens in floating point before any conversion to an integer.
+// A non-finite mask value propagates through the product like any multiplication.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../dcnv3.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+#define DCNV3_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define DCNV3_CLONES
+#endif
+
+namespace ops_dcnv3 {
+namespace {
+
+struct Params {
+  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  int64_t group, group_channels;
+  double offset_scale;
+  bool remove_center;
+};
+
+// Position of each sampling point relative to the output pixel's centre on the
+// regular grid, in the x-major order of the offset/mask tensors (centre skipped
+// with remove_center).
+template <typename acc_t>
+struct KernelGrid {
+  std::vector<acc_t> dx, dy;
+  KernelGrid(const Params& p) {
+    const int64_t half_w = (p.dilation_w * (p.kernel_w - 1)) / 2;
+    const int64_t half_h = (p.dilation_h * (p.kernel_h - 1)) / 2;
+    for (int64_t i = 0; i < p.kernel_w; ++i) {
+      for (int64_t j = 0; j < p.kernel_h; ++j) {
+        if (p.remove_center && i == p.kernel_w / 2 && j == p.kernel_h / 2) continue;
+        dx.push_back(acc_t(i * p.dilation_w - half_w));
+        dy.push_back(acc_t(j * p.dilation_h - half_h));
+      }
+    }
+  }
+};
+
+// The four bilinear corners of one sampling location.
+template <typename acc_t>
+struct Corners {
+  int64_t pixel[4];  // y * W + x of each corner, or -1 when it lies outside the image
+  acc_t weight[4];   // bilinear weights (without the mask)
+  acc_t lx, ly, hx, hy;
+};
+
+// Returns false when the location contributes nothing (outside or not finite).
+template <typename acc_t>
+inline bool locate(acc_t x, acc_t y, int64_t height, int64_t width, Corners<acc_t>& c) {
+  // Written so that NaN fails the test: no float->int conversion happens for it.
+  if (!(x > acc_t(-1) && y > acc_t(-1) && x < acc_t(width) && y < acc_t(height))) return false;
+  const acc_t xf = std::floor(x), yf = std::floor(y);
+  const int64_t x0 = static_cast<int64_t>(xf), y0 = static_cast<int64_t>(yf);
+  c.lx = x - xf;
+  c.ly = y - yf;
+  c.hx = acc_t(1) - c.lx;
+  c.hy = acc_t(1) - c.ly;
+  c.weight[0] = c.hy * c.hx;
+  c.weight[1] = c.hy * c.lx;
+  c.weight[2] = c.ly * c.hx;
+  c.weight[3] = c.ly * c.lx;
+  const bool top = y0 >= 0, bottom = y0 + 1 < height, left = x0 >= 0, right = x0 + 1 < width;
+  c.pixel[0] = top && left ? y0 * width + x0 : -1;
+  c.pixel[1] = top && right ? y0 * width + x0 + 1 : -1;
+  c.pixel[2] = bottom && left ? (y0 + 1) * width + x0 : -1;
+  c.pixel[3] = bottom && right ? (y0 + 1) * width + x0 + 1 : -1;
+  return true;
+}
+
+// Forward for output pixels [begin, end) of the flattened (N, Ho, Wo) range.
+template <typename scalar_t>
+DCNV3_CLONES void forward_pixels(const scalar_t* __restrict input, const scalar_t* __restrict offset,
+                                 const scalar_t* __restrict mask, scalar_t* __restrict output,
+                                 const Geometry& geo, const Params& p, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const KernelGrid<acc_t> grid(p);
+  const int64_t P = geo.points, Cg = p.group_channels, C = geo.channels;
+  const int64_t hw_out = geo.height_out * geo.width_out;
+  const acc_t scale = acc_t(p.offset_scale);
+  std::vector<acc_t> acc(Cg);
+  const std::vector<scalar_t> zeros(Cg, scalar_t(0));
+  for (int64_t idx = begin; idx < end; ++idx) {
+    const int64_t n = idx / hw_out, ho = (idx % hw_out) / geo.width_out, wo = idx % geo.width_out;
+    const acc_t base_x = acc_t(wo * p.stride_w - p.pad_w + (p.dilation_w * (p.kernel_w - 1)) / 2);
+    const acc_t base_y = acc_t(ho * p.stride_h - p.pad_h + (p.dilation_h * (p.kernel_h - 1)) / 2);
+    const scalar_t* image = input + n * geo.height_in * geo.width_in * C;
+    const scalar_t* off = offset + idx * p.group * P * 2;
+    const scalar_t* msk = mask + idx * p.group * P;
+    for (int64_t g = 0; g < p.group; ++g) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      acc_t* __restrict a = acc.data();
+      for (int64_t k = 0; k < P; ++k) {
+        const acc_t x = base_x + (grid.dx[k] + acc_t(off[(g * P + k) * 2])) * scale;
+        const acc_t y = base_y + (grid.dy[k] + acc_t(off[(g * P + k) * 2 + 1])) * scale;
+        Corners<acc_t> c;
+        if (!locate(x, y, geo.height_in, geo.width_in, c)) continue;
+        const acc_t m = acc_t(msk[g * P + k]);
+        const scalar_t* v[4];
+        acc_t w[4];
+        for (int corner = 0; corner < 4; ++corner) {
+          const bool inside = c.pixel[corner] >= 0;
+          v[corner] = inside ? image + c.pixel[corner] * C + g * Cg : zeros.data();
+          w[corner] = inside ? m * c.weight[corner] : acc_t(0);
+        }
+        const scalar_t *__restrict v0 = v[0], *__restrict v1 = v[1], *__restrict v2 = v[2],
+                                   *__restrict v3 = v[3];
+        for (int64_t ch = 0; ch < Cg; ++ch) {
+          a[ch] += w[0] * acc_t(v0[ch]) + w[1] * acc_t(v1[ch]) + w[2] * acc_t(v2[ch]) +
+                   w[3] * acc_t(v3[ch]);
+        }
+      }
+      scalar_t* out = output + idx * C + g * Cg;
+      for (int64_t ch = 0; ch < Cg; ++ch) out[ch] = scalar_t(a[ch]);
+    }
+  }
+}
+
+// Backward for one (n, g) pair and output pixels [pix_begin, pix_end) of its image.
+// grad_input rows are accumulated into `grad_image` (pixel stride `gi_stride`),
+// which this call owns exclusively: no two tasks write the same memory.
+template <typename scalar_t>
+DCNV3_CLONES void backward_task(const scalar_t* __restrict grad_output, const scalar_t* __restrict input,
+                                const scalar_t* __restrict offset, const scalar_t* __restrict mask,
+                                at::opmath_type<scalar_t>* __restrict grad_image, int64_t gi_stride,
+                                scalar_t* __restrict grad_offset, scalar_t* __restrict grad_mask,
+                                const Geometry& geo, const Params& p, int64_t n, int64_t g,
+                                int64_t pix_begin, int64_t pix_end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const KernelGrid<acc_t> grid(p);
+  const int64_t P = geo.points, Cg = p.group_channels, C = geo.channels;
+  const acc_t scale = acc_t(p.offset_scale);
+  const std::vector<scalar_t> zeros(Cg, scalar_t(0));
+  std::vector<acc_t> sink(Cg);  // write target for corners outside the image
+  const scalar_t* image = input + n * geo.height_in * geo.width_in * C + g * Cg;
+  for (int64_t pix = pix_begin; pix < pix_end; ++pix) {
+    const int64_t idx = n * geo.height_out * geo.width_out + pix;
+    const int64_t ho = pix / geo.width_out, wo = pix % geo.width_out;
+    const acc_t base_x = acc_t(wo * p.stride_w - p.pad_w + (p.dilation_w * (p.kernel_w - 1)) / 2);
+    const acc_t base_y = acc_t(ho * p.stride_h - p.pad_h + (p.dilation_h * (p.kernel_h - 1)) / 2);
+    const scalar_t* __restrict go = grad_output + idx * C + g * Cg;
+    const scalar_t* off = offset + (idx * p.group + g) * P * 2;
+    const scalar_t* msk = mask + (idx * p.group + g) * P;
+    scalar_t* goff = grad_offset + (idx * p.group + g) * P * 2;
+    scalar_t* gmsk = grad_mask + (idx * p.group + g) * P;
+    for (int64_t k = 0; k < P; ++k) {
+      const acc_t x = base_x + (grid.dx[k] + acc_t(off[k * 2])) * scale;
+      const acc_t y = base_y + (grid.dy[k] + acc_t(off[k * 2 + 1])) * scale;
+      Corners<acc_t> c;
+      if (!locate(x, y, geo.height_in, geo.width_in, c)) {
+        goff[k * 2] = goff[k * 2 + 1] = gmsk[k] = scalar_t(0);
+        continue;
+      }
+      const acc_t m = acc_t(msk[k]);
+      const scalar_t* v[4];
+      acc_t* gi[4];
+      acc_t w[4];
+      for (int corner = 0; corner < 4; ++corner) {
+        const bool inside = c.pixel[corner] >= 0;
+        v[corner] = inside ? image + c.pixel[corner] * C : zeros.data();
+        gi[corner] = inside ? grad_image + c.pixel[corner] * gi_stride : sink.data();
+        w[corner] = m * c.weight[corner];
+      }
+      const scalar_t *__restrict v0 = v[0], *__restrict v1 = v[1], *__restrict v2 = v[2],
+                                 *__restrict v3 = v[3];
+      acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;  // <grad_output, corner value>
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+      for (int64_t ch = 0; ch < Cg; ++ch) {
+        const acc_t gch = acc_t(go[ch]);
+        d0 += gch * acc_t(v0[ch]);
+        d1 += gch * acc_t(v1[ch]);
+        d2 += gch * acc_t(v2[ch]);
+        d3 += gch * acc_t(v3[ch]);
+      }
+      // Corners may coincide with the sink only, never with each other, so these
+      // four updates are independent.
+      for (int corner = 0; corner < 4; ++corner) {
+        acc_t* __restrict dst = gi[corner];
+        const acc_t wc = w[corner];
+        for (int64_t ch = 0; ch < Cg; ++ch) dst[ch] += wc * acc_t(go[ch]);
+      }
+      gmsk[k] = scalar_t(c.weight[0] * d0 + c.weight[1] * d1 + c.weight[2] * d2 + c.weight[3] * d3);
+      const acc_t grad_x = m * (c.hy * (d1 - d0) + c.ly * (d3 - d2));
+      const acc_t grad_y = m * (c.hx * (d2 - d0) + c.lx * (d3 - d1));
+      goff[k * 2] = scalar_t(grad_x * scale);
+      goff[k * 2 + 1] = scalar_t(grad_y * scale);
+    }
+  }
+}
+
+Params make_params(int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
+                   int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group,
+                   int64_t group_channels, double offset_scale, bool remove_center) {
+  return Params{kernel_h, kernel_w,  stride_h, stride_w,       pad_h,        pad_w,
+                dilation_h, dilation_w, group,    group_channels, offset_scale, remove_center};
+}
+
+at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_, const at::Tensor& mask_,
+                             int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
+                             int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w,
+                             int64_t group, int64_t group_channels, double offset_scale,
+                             bool remove_center) {
+  const Geometry geo = check_dcnv3_args(input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w,
+                                        pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
+                                        remove_center);
+  TORCH_CHECK(input_.device().is_cpu(), "dcnv3_forward_cpu: tensors must be on the CPU");
+  const Params p = make_params(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                               dilation_w, group, group_channels, offset_scale, remove_center);
+  const at::Tensor input = input_.contiguous(), offset = offset_.contiguous(), mask = mask_.contiguous();
+  at::Tensor output = at::empty({geo.batch, geo.height_out, geo.width_out, geo.channels}, input.options());
+  const int64_t pixels = geo.batch * geo.height_out * geo.width_out;
+  if (pixels == 0 || geo.channels == 0) return output;
+  // Roughly 4 * P * C multiply-adds per pixel: ~2^14 of them per chunk is worth a thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 4 * geo.points * geo.channels));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnv3_forward_cpu", [&] {
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    const scalar_t* off = offset.const_data_ptr<scalar_t>();
+    const scalar_t* msk = mask.const_data_ptr<scalar_t>();
+    scalar_t* out = output.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
+      forward_pixels<scalar_t>(in, off, msk, out, geo, p, begin, end);
+    });
+  });
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
+    const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& offset_,
+    const at::Tensor& mask_, int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
+    int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group,
+    int64_t group_channels, double offset_scale, bool remove_center) {
+  const Geometry geo = check_dcnv3_args(input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w,
+                                        pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
+                                        remove_center);
+  TORCH_CHECK(input_.device().is_cpu() && grad_output_.device().is_cpu(),
+              "dcnv3_backward_cpu: tensors must be on the CPU");
+  const std::vector<int64_t> out_shape{geo.batch, geo.height_out, geo.width_out, geo.channels};
+  TORCH_CHECK(grad_output_.sizes() == at::IntArrayRef(out_shape), "dcnv3: grad_output must have shape ",
+              at::IntArrayRef(out_shape), ", got ", grad_output_.sizes());
+  TORCH_CHECK(grad_output_.scalar_type() == input_.scalar_type(), "dcnv3: grad_output must have dtype ",
+              input_.scalar_type(), ", got ", grad_output_.scalar_type());
+  const Params p = make_params(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                               dilation_w, group, group_channels, offset_scale, remove_center);
+  const at::Tensor grad_output = grad_output_.contiguous(), input = input_.contiguous(),
+                   offset = offset_.contiguous(), mask = mask_.contiguous();
+  at::Tensor grad_offset = at::empty_like(offset);
+  at::Tensor grad_mask = at::empty_like(mask);
+
+  // Each task is one (image, group) pair, optionally split into `chunks` ranges of
+  // output pixels. grad_input slices of different (n, g) never overlap; when a pair
+  // is split, each chunk accumulates into a private buffer and the buffers are
+  // summed in a fixed order, so results depend only on the thread count.
+  const int64_t pairs = geo.batch * group;
+  const int64_t hw_out = geo.height_out * geo.width_out, hw_in = geo.height_in * geo.width_in;
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = pairs >= 4 * threads || hw_out == 0
+                             ? 1
+                             : std::min<int64_t>(hw_out, (4 * threads + pairs - 1) / std::max<int64_t>(pairs, 1));
+  const bool direct = chunks == 1 && at::toOpMathType(input.scalar_type()) == input.scalar_type();
+  at::Tensor grad_input = direct ? at::zeros_like(input) : at::Tensor();
+  at::Tensor partial = direct ? at::Tensor()
+                              : at::zeros({geo.batch, group, chunks, hw_in, group_channels},
+                                          input.options().dtype(at::toOpMathType(input.scalar_type())));
+  if (pairs > 0 && hw_out > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnv3_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
+      const scalar_t* in = input.const_data_ptr<scalar_t>();
+      const scalar_t* off = offset.const_data_ptr<scalar_t>();
+      const scalar_t* msk = mask.const_data_ptr<scalar_t>();
+      scalar_t* goff = grad_offset.mutable_data_ptr<scalar_t>();
+      scalar_t* gmsk = grad_mask.mutable_data_ptr<scalar_t>();
+      acc_t* gi_base = direct ? reinterpret_cast<acc_t*>(grad_input.mutable_data_ptr<scalar_t>())
+                              : partial.mutable_data_ptr<acc_t>();
+      at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t pair = task / chunks, chunk = task % chunks;
+          const int64_t n = pair / group, g = pair % group;
+          acc_t* grad_image = direct ? gi_base + n * hw_in * geo.channels + g * group_channels
+                                     : gi_base + task * hw_in * group_channels;
+          const int64_t stride = direct ? geo.channels : group_channels;
+          backward_task<scalar_t>(go, in, off, msk, grad_image, stride, goff, gmsk, geo, p, n, g,
+                                  chunk * hw_out / chunks, (chunk + 1) * hw_out / chunks);
+        }
+      });
+    });
+  }
+  if (!direct) {
+    // (N, G, chunks, HW, Cg) -> (N, HW, G, Cg): fixed-order sum over chunks.
+    grad_input = partial.sum(2)
+                     .permute({0, 2, 1, 3})
+                     .reshape({geo.batch, geo.height_in, geo.width_in, geo.channels})
+                     .to(input.scalar_type());
+  }
+  return {grad_input, grad_offset, grad_mask};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ops_dcnv3, CPU, m) {
+  m.impl("dcnv3_forward", &dcnv3_forward_cpu);
+  m.impl("dcnv3_backward", &dcnv3_backward_cpu);
+}
+
+}  // namespace ops_dcnv3

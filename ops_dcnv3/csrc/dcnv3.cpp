@@ -1,0 +1,26 @@
+// Schema of the DCNv3 operator. Kernels live in one file per dispatch key
+// (cpu/dcnv3_cpu.cpp, cuda/dcnv3_cuda.cu); autograd and fake kernels are
+// registered from Python (ops_dcnv3/functions.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import ops_dcnv3._C` only needs to load this library so that the
+// TORCH_LIBRARY blocks below run; it defines no Python functions.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(ops_dcnv3, m) {
+  m.def(
+      "dcnv3_forward(Tensor input, Tensor offset, Tensor mask, int kernel_h, int kernel_w, "
+      "int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, "
+      "int group, int group_channels, float offset_scale, bool remove_center) -> Tensor");
+  m.def(
+      "dcnv3_backward(Tensor grad_output, Tensor input, Tensor offset, Tensor mask, int kernel_h, "
+      "int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, "
+      "int dilation_w, int group, int group_channels, float offset_scale, bool remove_center) "
+      "-> (Tensor, Tensor, Tensor)");
+}

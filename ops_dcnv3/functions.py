@@ -1,0 +1,169 @@
+"""Functional interface of the DCNv3 operator.
+
+``dcnv3`` calls the compiled kernels (``torch.ops.ops_dcnv3.dcnv3_forward`` /
+``dcnv3_backward``, registered in C++); its autograd formula and fake (meta)
+kernels are registered here with ``torch.library`` so that autograd,
+``torch.compile`` and export all see the op. ``dcnv3_reference`` is the pure
+PyTorch numerical reference, written from the operator's definition.
+
+Semantics (tensors channels-last, ``P = kernel_h * kernel_w - remove_center``):
+input ``(N, H, W, group*group_channels)``, offset ``(N, Ho, Wo, group*P*2)``
+laid out ``[g][p][(dx, dy)]``, mask ``(N, Ho, Wo, group*P)`` (used as given:
+the module applies the softmax), output ``(N, Ho, Wo, C)``. Point ``p = i*kh + j``
+(``i`` along x) of output pixel ``(ho, wo)`` samples, by bilinear interpolation
+with zeros outside the image, the location::
+
+    x = wo*stride_w - pad_w + half_w + (i*dilation_w - half_w + dx) * offset_scale
+    y = ho*stride_h - pad_h + half_h + (j*dilation_h - half_h + dy) * offset_scale
+
+with ``half_w = dilation_w*(kernel_w-1)//2``. A location outside the open box
+``(-1, W) x (-1, H)`` or not finite contributes zero and gets zero gradient.
+"""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _C  # noqa: F401  (loads the operator registrations)
+
+__all__ = ["dcnv3", "dcnv3_reference", "dcnv3_output_size"]
+
+_ops = torch.ops.ops_dcnv3
+
+
+def dcnv3_output_size(height, width, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                      dilation_h, dilation_w) -> Tuple[int, int]:
+    """Output (Ho, Wo) of the operator for an input of ``height x width``."""
+    height_out = (height + 2 * pad_h - (dilation_h * (kernel_h - 1) + 1)) // stride_h + 1
+    width_out = (width + 2 * pad_w - (dilation_w * (kernel_w - 1) + 1)) // stride_w + 1
+    return height_out, width_out
+
+
+def _check_args(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                dilation_h, dilation_w, group, group_channels, remove_center):
+    """Validate the arguments with errors that name the problem; return (Ho, Wo, P)."""
+    for name, t, layout in (("input", input, "(N, H, W, C)"), ("offset", offset, "(N, Ho, Wo, group*P*2)"),
+                            ("mask", mask, "(N, Ho, Wo, group*P)")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"dcnv3: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"dcnv3: {name} must be 4-D {layout}, got shape {tuple(t.shape)}")
+    if not (input.device == offset.device == mask.device):
+        raise ValueError(f"dcnv3: input, offset and mask must be on the same device, got "
+                         f"{input.device}, {offset.device} and {mask.device}")
+    if not (input.dtype == offset.dtype == mask.dtype):
+        raise ValueError(f"dcnv3: input, offset and mask must have the same dtype, got "
+                         f"{input.dtype}, {offset.dtype} and {mask.dtype}")
+    if not input.is_floating_point():
+        raise ValueError(f"dcnv3: tensors must be floating point, got {input.dtype}")
+    if kernel_h <= 0 or kernel_w <= 0:
+        raise ValueError(f"dcnv3: kernel size must be positive, got {kernel_h}x{kernel_w}")
+    if stride_h <= 0 or stride_w <= 0:
+        raise ValueError(f"dcnv3: stride must be positive, got {stride_h}x{stride_w}")
+    if dilation_h <= 0 or dilation_w <= 0:
+        raise ValueError(f"dcnv3: dilation must be positive, got {dilation_h}x{dilation_w}")
+    if pad_h < 0 or pad_w < 0:
+        raise ValueError(f"dcnv3: padding must be non-negative, got {pad_h}x{pad_w}")
+    if group <= 0 or group_channels <= 0:
+        raise ValueError(f"dcnv3: group and group_channels must be positive, got {group} and {group_channels}")
+    if remove_center and (kernel_h != kernel_w or kernel_h % 2 == 0):
+        raise ValueError(f"dcnv3: remove_center needs an odd square kernel, got {kernel_h}x{kernel_w}")
+    n, h, w, c = input.shape
+    if c != group * group_channels:
+        raise ValueError(f"dcnv3: input has {c} channels, expected group * group_channels = "
+                         f"{group} * {group_channels} = {group * group_channels}")
+    ho, wo = dcnv3_output_size(h, w, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"dcnv3: output size would be {ho}x{wo} (zero or less) for input {h}x{w}, kernel "
+                         f"{kernel_h}x{kernel_w}, padding {pad_h}x{pad_w}, dilation {dilation_h}x{dilation_w}, "
+                         f"stride {stride_h}x{stride_w}")
+    points = kernel_h * kernel_w - int(remove_center)
+    if tuple(offset.shape) != (n, ho, wo, group * points * 2):
+        raise ValueError(f"dcnv3: offset must have shape (N, Ho, Wo, group*P*2) = "
+                         f"{(n, ho, wo, group * points * 2)}, got {tuple(offset.shape)}")
+    if tuple(mask.shape) != (n, ho, wo, group * points):
+        raise ValueError(f"dcnv3: mask must have shape (N, Ho, Wo, group*P) = "
+                         f"{(n, ho, wo, group * points)}, got {tuple(mask.shape)}")
+    return ho, wo, points
+
+
+def dcnv3(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+          dilation_h, dilation_w, group, group_channels, offset_scale, remove_center=False):
+    """DCNv3 core op on the compiled kernels (see the module docstring)."""
+    _check_args(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                dilation_h, dilation_w, group, group_channels, remove_center)
+    return _ops.dcnv3_forward(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                              dilation_h, dilation_w, group, group_channels, float(offset_scale),
+                              bool(remove_center))
+
+
+# --- torch.library registrations: fake kernels and autograd -------------------
+
+@torch.library.register_fake("ops_dcnv3::dcnv3_forward")
+def _dcnv3_forward_fake(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                        dilation_h, dilation_w, group, group_channels, offset_scale, remove_center):
+    ho, wo, _ = _check_args(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                            dilation_h, dilation_w, group, group_channels, remove_center)
+    return input.new_empty((input.shape[0], ho, wo, input.shape[3]))
+
+
+@torch.library.register_fake("ops_dcnv3::dcnv3_backward")
+def _dcnv3_backward_fake(grad_output, input, offset, mask, *args):
+    return torch.empty_like(input), torch.empty_like(offset), torch.empty_like(mask)
+
+
+def _setup_context(ctx, inputs, output):
+    input, offset, mask, *params = inputs
+    ctx.save_for_backward(input, offset, mask)
+    ctx.params = params
+
+
+def _backward(ctx, grad_output):
+    input, offset, mask = ctx.saved_tensors
+    grad_input, grad_offset, grad_mask = _ops.dcnv3_backward(grad_output, input, offset, mask, *ctx.params)
+    return (grad_input, grad_offset, grad_mask) + (None,) * len(ctx.params)
+
+
+torch.library.register_autograd("ops_dcnv3::dcnv3_forward", _backward, setup_context=_setup_context)
+
+
+# --- pure PyTorch reference ---------------------------------------------------
+
+def dcnv3_reference(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                    dilation_h, dilation_w, group, group_channels, offset_scale, remove_center=False):
+    """DCNv3 core op in plain PyTorch (``F.grid_sample``), the numerical reference.
+
+    Sampling locations are built in the input's dtype, and the image is not padded:
+    ``grid_sample``'s zero padding gives the zeros outside the image, which also makes
+    unequal ``pad_h``/``pad_w`` correct.
+    """
+    ho, wo, points = _check_args(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                                 dilation_h, dilation_w, group, group_channels, remove_center)
+    n, h, w, _ = input.shape
+    dtype, device = input.dtype, input.device
+    half_w = dilation_w * (kernel_w - 1) // 2
+    half_h = dilation_h * (kernel_h - 1) // 2
+    # Regular grid of the kernel points, x-major, centre removed if asked.
+    i, j = torch.meshgrid(torch.arange(kernel_w, device=device), torch.arange(kernel_h, device=device),
+                          indexing="ij")
+    grid_x = (i * dilation_w - half_w).reshape(-1)
+    grid_y = (j * dilation_h - half_h).reshape(-1)
+    if remove_center:
+        keep = (i.reshape(-1) != kernel_w // 2) | (j.reshape(-1) != kernel_h // 2)
+        grid_x, grid_y = grid_x[keep], grid_y[keep]
+    kernel_grid = torch.stack([grid_x, grid_y], -1).to(dtype)  # (P, 2)
+    centres_x = torch.arange(wo, device=device, dtype=dtype) * stride_w - pad_w + half_w
+    centres_y = torch.arange(ho, device=device, dtype=dtype) * stride_h - pad_h + half_h
+    centres = torch.stack(torch.meshgrid(centres_x, centres_y, indexing="xy"), -1)  # (Ho, Wo, 2)
+    offset = offset.reshape(n, ho, wo, group, points, 2)
+    locations = centres[None, :, :, None, None, :] + (kernel_grid + offset) * offset_scale
+    # Pixel coordinates -> grid_sample's [-1, 1] (align_corners=False: pixel k is at (2k+1)/size - 1).
+    size = torch.tensor([w, h], dtype=dtype, device=device)
+    sampling_grid = (2 * locations + 1) / size - 1
+    sampling_grid = sampling_grid.permute(0, 3, 1, 2, 4, 5).reshape(n * group, ho * wo, points, 2)
+    image = input.reshape(n, h, w, group, group_channels).permute(0, 3, 4, 1, 2)
+    image = image.reshape(n * group, group_channels, h, w)
+    sampled = F.grid_sample(image, sampling_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    weights = mask.reshape(n, ho * wo, group, points).permute(0, 2, 1, 3).reshape(n * group, 1, ho * wo, points)
+    output = (sampled * weights).sum(-1)  # (N*G, Cg, Ho*Wo)
+    return output.reshape(n, group * group_channels, ho, wo).permute(0, 2, 3, 1).contiguous()

@@ -1,0 +1,155 @@
+"""The DCNv3 module, with parameter names and shapes of the official implementation
+so that official checkpoints load unchanged."""
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.init import constant_, xavier_uniform_
+
+from .functions import dcnv3, dcnv3_reference
+
+__all__ = ["DCNv3", "DCNv3_pytorch", "build_norm_layer", "build_act_layer", "to_channels_first", "to_channels_last"]
+
+
+class to_channels_first(nn.Module):
+    """(N, H, W, C) -> (N, C, H, W)."""
+
+    def forward(self, x):
+        return x.permute(0, 3, 1, 2)
+
+
+class to_channels_last(nn.Module):
+    """(N, C, H, W) -> (N, H, W, C)."""
+
+    def forward(self, x):
+        return x.permute(0, 2, 3, 1)
+
+
+def build_norm_layer(dim, norm_layer, in_format="channels_last", out_format="channels_last", eps=1e-6):
+    """BatchNorm ('BN') or LayerNorm ('LN') over ``dim`` channels, converting between layouts.
+
+    Returns an ``nn.Sequential`` whose indices match the official implementation
+    (e.g. ``dw_conv.1.1.weight`` for an LN behind a layout change).
+    """
+    layers = []
+    if norm_layer == "BN":
+        if in_format == "channels_last":
+            layers.append(to_channels_first())
+        layers.append(nn.BatchNorm2d(dim))
+        if out_format == "channels_last":
+            layers.append(to_channels_last())
+    elif norm_layer == "LN":
+        if in_format == "channels_first":
+            layers.append(to_channels_last())
+        layers.append(nn.LayerNorm(dim, eps=eps))
+        if out_format == "channels_first":
+            layers.append(to_channels_first())
+    else:
+        raise ValueError(f"norm_layer must be 'BN' or 'LN', got {norm_layer!r}")
+    return nn.Sequential(*layers)
+
+
+def build_act_layer(act_layer):
+    """'ReLU', 'SiLU' or 'GELU' as a module."""
+    layers = {"ReLU": lambda: nn.ReLU(inplace=True), "SiLU": lambda: nn.SiLU(inplace=True), "GELU": nn.GELU}
+    if act_layer not in layers:
+        raise ValueError(f"act_layer must be one of {sorted(layers)}, got {act_layer!r}")
+    return layers[act_layer]()
+
+
+class DCNv3(nn.Module):
+    """DCNv3 block operator: projections, depthwise-conv offset/mask branch, deformable sampling.
+
+    Input and output are channels-last ``(N, H, W, C)``.
+
+    Args:
+        channels: number of channels C.
+        kernel_size: sampling kernel size (square).
+        dw_kernel_size: kernel of the depthwise conv that predicts offsets and masks
+            (default: ``kernel_size``).
+        stride, pad, dilation: of the sampling kernel.
+        group: number of groups; ``channels`` must be divisible by it.
+        offset_scale: scale of the sampling grid and the learned offsets.
+        act_layer, norm_layer: of the depthwise branch ('GELU'/'ReLU'/'SiLU', 'LN'/'BN').
+        center_feature_scale: blend the output with the input projection by a learned
+            per-group gate.
+        remove_center: drop the kernel's centre point (odd kernels only).
+    """
+
+    core_op = staticmethod(dcnv3)
+
+    def __init__(self, channels=64, kernel_size=3, dw_kernel_size=None, stride=1, pad=1, dilation=1, group=4,
+                 offset_scale=1.0, act_layer="GELU", norm_layer="LN", center_feature_scale=False,
+                 remove_center=False):
+        super().__init__()
+        if channels % group != 0:
+            raise ValueError(f"channels must be divisible by group, but got {channels} and {group}")
+        if remove_center and kernel_size % 2 == 0:
+            raise ValueError(f"remove_center needs an odd kernel_size, got {kernel_size}")
+        group_channels = channels // group
+        if group_channels & (group_channels - 1) != 0:
+            warnings.warn("DCNv3 runs fastest when channels per group is a power of 2; got "
+                          f"{group_channels}", stacklevel=2)
+        dw_kernel_size = dw_kernel_size if dw_kernel_size is not None else kernel_size
+        self.offset_scale = offset_scale
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.dw_kernel_size = dw_kernel_size
+        self.stride = stride
+        self.dilation = dilation
+        self.pad = pad
+        self.group = group
+        self.group_channels = group_channels
+        self.center_feature_scale = center_feature_scale
+        self.remove_center = int(remove_center)
+        points = kernel_size * kernel_size - self.remove_center
+
+        self.dw_conv = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size=dw_kernel_size, stride=1, padding=(dw_kernel_size - 1) // 2,
+                      groups=channels),
+            build_norm_layer(channels, norm_layer, "channels_first", "channels_last"),
+            build_act_layer(act_layer),
+        )
+        self.offset = nn.Linear(channels, group * points * 2)
+        self.mask = nn.Linear(channels, group * points)
+        self.input_proj = nn.Linear(channels, channels)
+        self.output_proj = nn.Linear(channels, channels)
+        if center_feature_scale:
+            self.center_feature_scale_proj_weight = nn.Parameter(torch.zeros(group, channels))
+            self.center_feature_scale_proj_bias = nn.Parameter(torch.zeros(group))
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        # Zero offsets and uniform masks at start: the op begins as a plain (averaging) conv.
+        constant_(self.offset.weight, 0.0)
+        constant_(self.offset.bias, 0.0)
+        constant_(self.mask.weight, 0.0)
+        constant_(self.mask.bias, 0.0)
+        xavier_uniform_(self.input_proj.weight)
+        constant_(self.input_proj.bias, 0.0)
+        xavier_uniform_(self.output_proj.weight)
+        constant_(self.output_proj.bias, 0.0)
+
+    def forward(self, input):
+        """input: (N, H, W, C) -> (N, Ho, Wo, C)."""
+        n, h, w, _ = input.shape
+        x_proj = self.input_proj(input)
+        features = self.dw_conv(input.permute(0, 3, 1, 2))  # channels-last out
+        offset = self.offset(features)
+        mask = self.mask(features).reshape(n, h, w, self.group, -1).softmax(-1).reshape(n, h, w, -1)
+        x = self.core_op(x_proj, offset, mask, self.kernel_size, self.kernel_size, self.stride, self.stride,
+                         self.pad, self.pad, self.dilation, self.dilation, self.group, self.group_channels,
+                         self.offset_scale, bool(self.remove_center))
+        if self.center_feature_scale:
+            scale = F.linear(features, self.center_feature_scale_proj_weight,
+                             self.center_feature_scale_proj_bias).sigmoid()
+            scale = scale.repeat_interleave(self.group_channels, dim=-1)  # (N, H, W, G) -> (N, H, W, C)
+            x = x * (1 - scale) + x_proj * scale
+        return self.output_proj(x)
+
+
+class DCNv3_pytorch(DCNv3):
+    """:class:`DCNv3` on the pure-PyTorch reference core (``dcnv3_reference``)."""
+
+    core_op = staticmethod(dcnv3_reference)

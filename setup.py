@@ -1,0 +1,72 @@
+"""Build and install InternImage and its DCNv3 operator (``ops_dcnv3._C``).
+
+The extension is built with ``CUDAExtension`` when a CUDA toolkit is usable and
+either a GPU is visible or ``FORCE_CUDA=1`` is set, and with ``CppExtension``
+otherwise, so it never fails on a CPU-only machine.
+Install with ``pip install --no-build-isolation -e .`` (torch must already be
+installed: the extension is compiled against it).
+"""
+import glob
+import os
+import re
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("ops_dcnv3", "csrc")
+
+
+def read_version():
+    with open(os.path.join(ROOT, "internimage", "version.py")) as f:
+        return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+
+def want_cuda():
+    import torch
+
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        if CUDA_HOME is None:
+            raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
+        return True
+    return CUDA_HOME is not None and torch.cuda.is_available() and torch.version.cuda is not None
+
+
+def make_extension():
+    sources = [os.path.join(CSRC, "dcnv3.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    # at::parallel_for is header-inlined OpenMP in torch's CPU build; -fopenmp links the
+    # same libgomp.so.1 that torch loads, so torch.set_num_threads governs our kernels too.
+    cxx_flags = ["-O3", "-fopenmp"]
+    define_macros = []
+    if os.environ.get("DCNV3_DEBUG", "0") == "1":
+        cxx_flags = ["-O1", "-g", "-fopenmp", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+    if want_cuda():
+        sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+        define_macros.append(("WITH_CUDA", None))
+        return CUDAExtension(
+            "ops_dcnv3._C",
+            sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
+        )
+    return CppExtension(
+        "ops_dcnv3._C",
+        sources,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"] + (["-fsanitize=address,undefined"] if os.environ.get("DCNV3_DEBUG") == "1" else []),
+    )
+
+
+setup(
+    name="internimage",
+    version=read_version(),
+    description="InternImage backbones and the DCNv3 operator for OpenMMLab 2.0 (mmdet 3.x, mmseg 1.x)",
+    packages=find_packages(include=["internimage*", "ops_dcnv3*"]),
+    package_data={"ops_dcnv3": ["csrc/*.cpp", "csrc/*/*.cpp", "csrc/*/*.cu", "csrc/*/*.h"]},
+    python_requires=">=3.9",
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
