@@ -11,6 +11,8 @@ Formats recognised by :func:`to_state_dict` (one pure function, used by every lo
 are the official ones, so no key is renamed. Files are read with ``weights_only=True``.
 """
 import logging
+import os
+import tempfile
 from collections import OrderedDict
 from typing import Dict, Iterable, Optional
 
@@ -127,3 +129,32 @@ def load_classifier_weights(model: torch.nn.Module, checkpoint, map_location="cp
         state_dict = backbone_state_dict(state_dict)
     return load_state_dict_checked(model, state_dict, skip_mismatched=HEAD_PREFIXES, logger=logger,
                                    source=source)
+
+
+def save_atomic(obj, path: str):
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pth")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def convert_checkpoint(src, dst: str) -> dict:
+    """Write any supported checkpoint (path, URL or dict) in this project's (mmengine) form."""
+    from .version import __version__
+
+    ckpt = load_file(src) if isinstance(src, str) else src
+    meta = dict(ckpt.get("meta") or {}) if isinstance(ckpt, dict) else {}
+    if "CLASSES" in meta and "dataset_meta" not in meta:  # mmdet 2.x / mmseg 0.x naming
+        meta["dataset_meta"] = {"classes": tuple(meta["CLASSES"])}
+    meta.update(internimage_version=__version__, converted_from=src if isinstance(src, str) else "<dict>")
+    converted = {"state_dict": to_state_dict(ckpt), "meta": meta}
+    save_atomic(converted, dst)
+    return converted

@@ -2,10 +2,13 @@
 
 Since torch 2.6, ``torch.load`` refuses any pickled global that is not allow-listed.
 mmengine 0.10.7 saves numpy arrays and scalars (in ``meta`` and the message hub) and
-its ``HistoryBuffer`` objects, so its ``load_checkpoint`` and ``Runner.resume`` fail.
+its ``HistoryBuffer`` objects (whose statistics methods are pickled as
+``getattr(HistoryBuffer, 'min')``), so its ``load_checkpoint`` and ``Runner.resume`` fail.
 Importing this module allow-lists exactly those types; anything else in a pickle
 (an arbitrary class, a function) is still refused by torch.
 """
+import pickle
+
 import numpy as np
 import torch
 from mmengine.logging import HistoryBuffer
@@ -27,7 +30,16 @@ def _numpy_safe_globals():
     return entries
 
 
-SAFE_GLOBALS = _numpy_safe_globals() + [HistoryBuffer]
+def _history_buffer_method(obj, name):
+    """Stands in for ``getattr`` in these pickles, which use it only to name
+    ``HistoryBuffer.min/max/mean/current`` (its statistics methods). Anything else is refused:
+    a general ``getattr`` would let a pickle reach arbitrary callables."""
+    if obj is HistoryBuffer and name in ("min", "max", "mean", "current"):
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(f"refusing getattr({obj!r}, {name!r}) while loading a checkpoint")
+
+
+SAFE_GLOBALS = _numpy_safe_globals() + [HistoryBuffer, (_history_buffer_method, "builtins.getattr")]
 
 
 def allow_mmengine_checkpoints():

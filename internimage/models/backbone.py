@@ -220,7 +220,7 @@ class InternImage(BaseModule):
         if drop_path_type == "uniform":
             dpr = [drop_path_rate] * total
         else:
-            dpr = [x.item() for x in torch.linspace(0, drop_path_rate, total)]
+            dpr = torch.linspace(0, drop_path_rate, total, device="cpu").tolist()
         self.levels = nn.ModuleList()
         for i in range(self.num_levels):
             self.levels.append(InternImageBlock(

@@ -1,0 +1,212 @@
+"""InternImage backbone and classifier: official state-dict layout of every variant,
+parity with the official outputs, checkpoint formats, freezing, odd sizes, checkpointing."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import internimage
+from internimage import InternImage, InternImageClassifier, build_model
+from internimage.checkpoint import HEAD_PREFIXES
+from internimage.variants import VARIANTS
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"
+
+
+def fixture(name):
+    path = FIXTURES / name
+    if not path.exists():
+        pytest.skip(f"official fixture {path} not found")
+    return path
+
+
+@pytest.fixture(scope="module")
+def official_shapes():
+    with open(fixture("official_state_dict_shapes.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_state_dict_matches_official_layout(official_shapes, variant):
+    official = official_shapes[variant]
+    with torch.device("meta"):
+        model = build_model(f"internimage_{variant}")
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == official["state_dict"]
+    assert sum(p.numel() for p in model.parameters()) == official["num_params"]
+    # The backbone is the same minus the classification head.
+    backbone_kwargs = {k: v for k, v in VARIANTS[variant].items() if k != "use_clip_projector"}
+    with torch.device("meta"):
+        backbone = InternImage(**backbone_kwargs)
+    expected = {k: v for k, v in official["state_dict"].items() if not k.startswith(HEAD_PREFIXES)}
+    assert {k: list(v.shape) for k, v in backbone.state_dict().items()} == expected
+    # The official constructor kwargs recorded with the fixture give the same model.
+    with torch.device("meta"):
+        from_official_kwargs = InternImageClassifier(**official["config"])
+    assert {k: list(v.shape) for k, v in from_official_kwargs.state_dict().items()} == official["state_dict"]
+
+
+def tiny(name):
+    data = torch.load(fixture(f"{name}.pt"), weights_only=True)
+    return data
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", ["tiny_t_style", "tiny_b_style"])
+@pytest.mark.parametrize("core_op", ["DCNv3", "DCNv3_pytorch"])
+def test_tiny_models_reproduce_official_outputs(name, core_op):
+    data = tiny(name)
+    classifier = InternImageClassifier(core_op=core_op, **data["config"]).double().eval()
+    classifier.load_state_dict(data["state_dict"], strict=True)
+    with torch.no_grad():
+        logits = classifier(data["input"])
+    assert rel_err(logits, data["logits"]) < 1e-8
+
+    config = {k: v for k, v in data["config"].items() if k != "num_classes"}
+    backbone = InternImage(core_op=core_op, **config).double().eval()
+    backbone_sd = {k: v for k, v in data["state_dict"].items() if not k.startswith(HEAD_PREFIXES)}
+    backbone.load_state_dict(backbone_sd, strict=True)
+    with torch.no_grad():
+        features = backbone(data["input"])
+    assert len(features) == 4
+    for got, want in zip(features, data["features"]):
+        assert got.shape == want.shape
+        assert rel_err(got, want) < 1e-8
+
+
+def official_formats(state_dict):
+    """The same weights as each released checkpoint format."""
+    return {
+        "classification": {"model": state_dict},
+        "mmdet2": {"state_dict": {f"backbone.{k}": v for k, v in state_dict.items()
+                                  if not k.startswith(HEAD_PREFIXES)} | {"neck.lateral_convs.0.conv.weight":
+                                                                          torch.zeros(1)},
+                   "meta": {"mmdet_version": "2.28.1", "CLASSES": ("a", "b")}},
+        "mmseg0_ddp": {"state_dict": {f"module.backbone.{k}": v for k, v in state_dict.items()},
+                       "meta": {"mmseg_version": "0.27.0"}},
+        "bare": dict(state_dict),
+    }
+
+
+@pytest.mark.parametrize("fmt", ["classification", "mmdet2", "mmseg0_ddp", "bare"])
+def test_every_checkpoint_format_loads_through_init_cfg(tmp_path, fmt):
+    data = tiny("tiny_b_style")
+    path = tmp_path / f"{fmt}.pth"
+    torch.save(official_formats(data["state_dict"])[fmt], path)
+    config = {k: v for k, v in data["config"].items() if k != "num_classes"}
+    backbone = InternImage(**config, init_cfg=dict(type="Pretrained", checkpoint=str(path))).double()
+    backbone.init_weights()
+    backbone.eval()
+    with torch.no_grad():
+        features = backbone(data["input"])
+    for got, want in zip(features, data["features"]):
+        assert rel_err(got, want) < 1e-8
+
+    # The classifier (build path of build_model(pretrained=...)) from the same file.
+    classifier = InternImageClassifier(**data["config"]).double()
+    internimage.load_classifier_weights(classifier, str(path))
+    if fmt in ("classification", "bare", "mmseg0_ddp"):
+        with torch.no_grad():
+            assert rel_err(classifier.double().eval()(data["input"]), data["logits"]) < 1e-8
+
+
+def test_convert_checkpoint_tool_round_trip(tmp_path):
+    import subprocess
+    import sys
+
+    data = tiny("tiny_t_style")
+    src = tmp_path / "official.pth"
+    torch.save({"model": data["state_dict"]}, src)
+    dst = tmp_path / "converted.pth"
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(repo / "tools" / "convert_checkpoint.py"), str(src), str(dst)], check=True,
+                   cwd=repo)
+    converted = torch.load(dst, weights_only=True)
+    assert set(converted) >= {"state_dict", "meta"}
+    assert converted["state_dict"].keys() == data["state_dict"].keys()
+    # Already in this project's form: conversion is the identity.
+    assert internimage.to_state_dict(converted).keys() == data["state_dict"].keys()
+
+
+def test_layer_scale_one_missing_from_checkpoint_is_logged_once(tmp_path, monkeypatch):
+    data = tiny("tiny_t_style")  # no layer scale in the checkpoint
+    path = tmp_path / "t.pth"
+    torch.save({"model": data["state_dict"]}, path)
+    config = {k: v for k, v in data["config"].items() if k != "num_classes"}
+    config["layer_scale"] = 1.0
+    backbone = InternImage(**config, init_cfg=dict(type="Pretrained", checkpoint=str(path))).double()
+    messages = []
+    monkeypatch.setattr(internimage.checkpoint, "print_log", lambda msg, **kwargs: messages.append(msg))
+    backbone.init_weights()
+    log = "\n".join(messages)
+    lines = [line for line in messages if "layer-scale" in line]
+    assert len(lines) == 1 and "same as no layer scale" in lines[0]
+    assert "Missing keys" not in log and "Unexpected keys" not in log
+    gammas = [p for n, p in backbone.named_parameters() if n.endswith(("gamma1", "gamma2"))]
+    assert gammas and all(torch.equal(g, torch.ones_like(g)) for g in gammas)
+    with torch.no_grad():
+        features = backbone.eval()(data["input"])
+    assert rel_err(features[-1], data["features"][-1]) < 1e-8
+
+
+def test_shape_mismatch_names_the_key(tmp_path):
+    data = tiny("tiny_t_style")
+    state_dict = dict(data["state_dict"])
+    state_dict["levels.0.blocks.0.dcn.offset.weight"] = torch.zeros(3, 3)
+    path = tmp_path / "bad.pth"
+    torch.save({"model": state_dict}, path)
+    config = {k: v for k, v in data["config"].items() if k != "num_classes"}
+    backbone = InternImage(**config, init_cfg=dict(type="Pretrained", checkpoint=str(path)))
+    with pytest.raises(ValueError, match=r"levels\.0\.blocks\.0\.dcn\.offset\.weight.*\(3, 3\).*\(18, 16\)"):
+        backbone.init_weights()
+
+
+def test_new_head_is_skipped_when_classes_differ(tmp_path):
+    data = tiny("tiny_t_style")  # 10 classes
+    path = tmp_path / "cls.pth"
+    torch.save({"model": data["state_dict"]}, path)
+    model = build_model("t", num_classes=3, pretrained=str(path), channels=16, depths=[1, 1, 2, 1],
+                        groups=[1, 2, 4, 8], drop_path_rate=0.0)
+    assert model.head.weight.shape == (3, 128 * 3 // 2)
+    assert torch.equal(model.patch_embed.conv1.weight, data["state_dict"]["patch_embed.conv1.weight"].float())
+
+
+def test_frozen_stages_stay_frozen_after_train():
+    backbone = InternImage(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], frozen_stages=2)
+    backbone.train()
+    frozen = [backbone.patch_embed, backbone.levels[0], backbone.levels[1]]
+    for module in frozen:
+        assert not module.training
+        assert all(not p.requires_grad for p in module.parameters())
+    for module in backbone.levels[2:]:
+        assert module.training
+        assert all(p.requires_grad for p in module.parameters())
+
+
+def test_odd_input_sizes_and_out_indices():
+    backbone = InternImage(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], out_indices=(1, 3)).eval()
+    with torch.no_grad():
+        outs = backbone(torch.randn(1, 3, 97, 131))
+    # stem: ceil twice -> 25x33; then ceil halvings
+    assert [tuple(o.shape) for o in outs] == [(1, 32, 13, 17), (1, 128, 4, 5)]
+
+
+def test_with_cp_gives_the_same_gradients():
+    torch.manual_seed(0)
+    kwargs = dict(channels=16, depths=[1, 2, 1, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0)
+    plain = InternImage(**kwargs)
+    checkpointed = InternImage(**kwargs, with_cp=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for model in (plain, checkpointed):
+        model.zero_grad()
+        sum(o.square().mean() for o in model(x)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)

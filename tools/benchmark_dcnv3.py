@@ -1,0 +1,140 @@
+"""Benchmark the DCNv3 CPU kernels against the pure-PyTorch reference in one process.
+
+Shapes are the four InternImage-T stages for a batch of 2 images at 224x224.
+Times are medians after warm-up; peak extra memory is the growth of the peak RSS of
+a fresh subprocess that runs the op once on inputs it already holds.
+
+    python tools/benchmark_dcnv3.py [--threads N] [--repeats R] [--json OUT]
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import ops_dcnv3
+
+STAGES = [  # (name, H=W, channels, groups)
+    ("stage1 56x56x64 G4", 56, 64, 4),
+    ("stage2 28x28x128 G8", 28, 128, 8),
+    ("stage3 14x14x256 G16", 14, 256, 16),
+    ("stage4 7x7x512 G32", 7, 512, 32),
+]
+IMPLS = {"ours": ops_dcnv3.dcnv3, "reference": ops_dcnv3.dcnv3_reference}
+KERNEL = (3, 3, 1, 1, 1, 1, 1, 1)  # kernel, stride, pad, dilation (h, w each)
+
+
+def make_inputs(size, channels, groups, batch=2, requires_grad=False):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, size, size, channels, generator=gen)
+    offset = torch.randn(batch, size, size, groups * 18, generator=gen) * 2
+    mask = torch.randn(batch, size, size, groups, 9, generator=gen).softmax(-1).reshape(batch, size, size, -1)
+    tensors = [t.requires_grad_(requires_grad) for t in (x, offset, mask)]
+    params = KERNEL + (groups, channels // groups, 1.0, False)
+    return tensors, params
+
+
+def run_once(impl, mode, tensors, params):
+    if mode == "forward":
+        with torch.no_grad():
+            return impl(*tensors, *params)
+    out = impl(*tensors, *params)
+    out.backward(torch.ones_like(out))
+    for t in tensors:
+        t.grad = None
+    return out
+
+
+def time_op(impl, mode, size, channels, groups, repeats):
+    tensors, params = make_inputs(size, channels, groups, requires_grad=mode != "forward")
+    for _ in range(3):
+        run_once(impl, mode, tensors, params)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run_once(impl, mode, tensors, params)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_extra_memory(impl_name, mode, size, channels, groups, threads):
+    """Peak RSS growth (bytes) of one call in a fresh interpreter."""
+    code = (
+        "import resource, torch, sys; sys.path.insert(0, %r)\n"
+        "from tools.benchmark_dcnv3 import IMPLS, make_inputs, run_once\n"
+        "torch.set_num_threads(%d)\n"
+        "tensors, params = make_inputs(%d, %d, %d, requires_grad=%r)\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "run_once(IMPLS[%r], %r, tensors, params)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n"
+    ) % (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), threads, size, channels, groups,
+         mode != "forward", impl_name, mode)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+
+
+def forward_work(size, channels, groups, batch=2):
+    """Fewest bytes the forward must move (float32) and its multiply-adds."""
+    pixels = batch * size * size
+    points = 9
+    bytes_moved = 4 * pixels * (2 * channels + groups * points * 3)  # input, output, offset, mask
+    macs = pixels * points * channels * 4  # four bilinear corners per point and channel
+    return bytes_moved, macs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--no-memory", action="store_true", help="skip the (subprocess) memory measurement")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads: {torch.get_num_threads()}, repeats: {args.repeats} (median)")
+
+    rows = []
+    for name, size, channels, groups in STAGES:
+        for mode in ("forward", "forward+backward"):
+            row = {"shape": name, "mode": mode}
+            for impl_name, impl in IMPLS.items():
+                row[f"{impl_name}_ms"] = time_op(impl, mode, size, channels, groups, args.repeats) * 1e3
+                if not args.no_memory:
+                    row[f"{impl_name}_mem_mb"] = peak_extra_memory(impl_name, mode, size, channels, groups,
+                                                                   args.threads) / 2**20
+            row["speedup"] = row["reference_ms"] / row["ours_ms"]
+            if not args.no_memory:
+                row["memory_ratio"] = row["ours_mem_mb"] / max(row["reference_mem_mb"], 1e-9)
+            if mode == "forward":
+                bytes_moved, macs = forward_work(size, channels, groups)
+                row["ours_gb_per_s"] = bytes_moved / row["ours_ms"] / 1e6
+                row["ours_gmac_per_s"] = macs / row["ours_ms"] / 1e6
+            rows.append(row)
+
+    header = f"{'shape':<22}{'mode':<18}{'ours ms':>9}{'ref ms':>9}{'speedup':>9}"
+    if not args.no_memory:
+        header += f"{'ours MB':>9}{'ref MB':>9}{'mem ratio':>10}"
+    print(header)
+    for r in rows:
+        line = f"{r['shape']:<22}{r['mode']:<18}{r['ours_ms']:>9.3f}{r['reference_ms']:>9.3f}{r['speedup']:>8.1f}x"
+        if not args.no_memory:
+            line += f"{r['ours_mem_mb']:>9.1f}{r['reference_mem_mb']:>9.1f}{r['memory_ratio']:>10.2f}"
+        print(line)
+    print()
+    for r in rows:
+        extra = ""
+        if "ours_gb_per_s" in r:
+            extra = f"  (ours: {r['ours_gb_per_s']:.1f} GB/s of compulsory traffic, {r['ours_gmac_per_s']:.1f} GMAC/s)"
+        mem = "" if args.no_memory else f", memory {r['memory_ratio']:.2f}x of reference"
+        print(f"{r['shape']} {r['mode']}: {r['speedup']:.1f}x faster than reference{mem}{extra}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
