@@ -2,14 +2,14 @@
 
 Shapes are the four InternImage-T stages for a batch of 2 images at 224x224.
 Times are medians after warm-up; peak extra memory is the growth of the peak RSS of
-a fresh subprocess that runs the op once on inputs it already holds.
+a fresh subprocess (Linux) that runs the op once, after one warm-up call, on inputs
+it already holds.
 
     python tools/benchmark_dcnv3.py [--threads N] [--repeats R] [--json OUT]
 """
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -62,20 +62,38 @@ def time_op(impl, mode, size, channels, groups, repeats):
     return statistics.median(times)
 
 
+_MEMORY_PROBE = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from tools.benchmark_dcnv3 import IMPLS, make_inputs, run_once
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+torch.set_num_threads({threads})
+tensors, params = make_inputs({size}, {channels}, {groups}, requires_grad={grad})
+run_once(IMPLS[{impl!r}], {mode!r}, tensors, params)  # warm-up: one-time set-up (autograd engine...)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+base = status("VmRSS:")
+run_once(IMPLS[{impl!r}], {mode!r}, tensors, params)
+print(status("VmHWM:") - base)
+"""
+
+
 def peak_extra_memory(impl_name, mode, size, channels, groups, threads):
-    """Peak RSS growth (bytes) of one call in a fresh interpreter."""
-    code = (
-        "import resource, torch, sys; sys.path.insert(0, %r)\n"
-        "from tools.benchmark_dcnv3 import IMPLS, make_inputs, run_once\n"
-        "torch.set_num_threads(%d)\n"
-        "tensors, params = make_inputs(%d, %d, %d, requires_grad=%r)\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "run_once(IMPLS[%r], %r, tensors, params)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n"
-    ) % (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), threads, size, channels, groups,
-         mode != "forward", impl_name, mode)
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return int(out.stdout.strip().splitlines()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+    """Peak RSS growth (bytes) of one call in a fresh interpreter (Linux).
+
+    Allocations of 64 KiB and more are mmap-ed fresh (MALLOC_MMAP_THRESHOLD_), so memory
+    freed by the import cannot hide the call's own peak.
+    """
+    code = _MEMORY_PROBE.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                threads=threads, size=size, channels=channels, groups=groups,
+                                grad=mode != "forward", impl=impl_name, mode=mode)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
+    return int(out.stdout.strip().splitlines()[-1]) * 1024
 
 
 def forward_work(size, channels, groups, batch=2):

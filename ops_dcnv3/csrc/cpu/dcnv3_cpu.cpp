@@ -2,7 +2,7 @@
 //
 // Layout is channels-last, so the Cg channels of one group at one pixel are
 // contiguous: every inner loop runs over them and is vectorised by the compiler
-// (the hot functions are cloned for AVX2/FMA and AVX-512 and picked at load time).
+// (compiled for AVX2+FMA and for baseline x86-64, picked at run time).
 // Sums are accumulated in float32 (float64 for float64 inputs).
 //
 // A sampling location outside the open box (-1, W) x (-1, H), or not finite
@@ -17,14 +17,23 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../dcnv3.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
-#define DCNV3_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+// The kernels are compiled twice on x86-64, for AVX2+FMA and for the baseline, and the
+// AVX2 copy runs where the CPU has it. (An AVX-512 copy measured slower than AVX2 here:
+// the channel loops of a group are only 16-32 floats long.)
+#if defined(__GNUC__) && defined(__x86_64__)
+#define DCNV3_X86_DISPATCH 1
+#define DCNV3_INLINE inline __attribute__((always_inline))
+#define DCNV3_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #else
-#define DCNV3_CLONES
+#define DCNV3_X86_DISPATCH 0
+#define DCNV3_INLINE inline
 #endif
 
 namespace ops_dcnv3 {
@@ -88,16 +97,20 @@ inline bool locate(acc_t x, acc_t y, int64_t height, int64_t width, Corners<acc_
 }
 
 // Forward for output pixels [begin, end) of the flattened (N, Ho, Wo) range.
-template <typename scalar_t>
-DCNV3_CLONES void forward_pixels(const scalar_t* __restrict input, const scalar_t* __restrict offset,
+// CG > 0 fixes the channels per group at compile time (the loops over channels then
+// unroll and the accumulator stays in registers); CG == 0 handles any count.
+template <typename scalar_t, int CG>
+DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_t* __restrict offset,
                                  const scalar_t* __restrict mask, scalar_t* __restrict output,
                                  const Geometry& geo, const Params& p, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const KernelGrid<acc_t> grid(p);
-  const int64_t P = geo.points, Cg = p.group_channels, C = geo.channels;
+  const int64_t P = geo.points, Cg = CG > 0 ? CG : p.group_channels, C = geo.channels;
   const int64_t hw_out = geo.height_out * geo.width_out;
   const acc_t scale = acc_t(p.offset_scale);
-  std::vector<acc_t> acc(Cg);
+  acc_t acc_fixed[CG > 0 ? CG : 1];
+  std::vector<acc_t> acc_any(CG > 0 ? 0 : Cg);
+  acc_t* const acc = CG > 0 ? acc_fixed : acc_any.data();
   const std::vector<scalar_t> zeros(Cg, scalar_t(0));
   for (int64_t idx = begin; idx < end; ++idx) {
     const int64_t n = idx / hw_out, ho = (idx % hw_out) / geo.width_out, wo = idx % geo.width_out;
@@ -107,8 +120,8 @@ DCNV3_CLONES void forward_pixels(const scalar_t* __restrict input, const scalar_
     const scalar_t* off = offset + idx * p.group * P * 2;
     const scalar_t* msk = mask + idx * p.group * P;
     for (int64_t g = 0; g < p.group; ++g) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      acc_t* __restrict a = acc.data();
+      acc_t* __restrict a = acc;
+      for (int64_t ch = 0; ch < Cg; ++ch) a[ch] = acc_t(0);
       for (int64_t k = 0; k < P; ++k) {
         const acc_t x = base_x + (grid.dx[k] + acc_t(off[(g * P + k) * 2])) * scale;
         const acc_t y = base_y + (grid.dy[k] + acc_t(off[(g * P + k) * 2 + 1])) * scale;
@@ -138,8 +151,8 @@ DCNV3_CLONES void forward_pixels(const scalar_t* __restrict input, const scalar_
 // Backward for one (n, g) pair and output pixels [pix_begin, pix_end) of its image.
 // grad_input rows are accumulated into `grad_image` (pixel stride `gi_stride`),
 // which this call owns exclusively: no two tasks write the same memory.
-template <typename scalar_t>
-DCNV3_CLONES void backward_task(const scalar_t* __restrict grad_output, const scalar_t* __restrict input,
+template <typename scalar_t, int CG>
+DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const scalar_t* __restrict input,
                                 const scalar_t* __restrict offset, const scalar_t* __restrict mask,
                                 at::opmath_type<scalar_t>* __restrict grad_image, int64_t gi_stride,
                                 scalar_t* __restrict grad_offset, scalar_t* __restrict grad_mask,
@@ -147,7 +160,7 @@ DCNV3_CLONES void backward_task(const scalar_t* __restrict grad_output, const sc
                                 int64_t pix_begin, int64_t pix_end) {
   using acc_t = at::opmath_type<scalar_t>;
   const KernelGrid<acc_t> grid(p);
-  const int64_t P = geo.points, Cg = p.group_channels, C = geo.channels;
+  const int64_t P = geo.points, Cg = CG > 0 ? CG : p.group_channels, C = geo.channels;
   const acc_t scale = acc_t(p.offset_scale);
   const std::vector<scalar_t> zeros(Cg, scalar_t(0));
   std::vector<acc_t> sink(Cg);  // write target for corners outside the image
@@ -207,6 +220,61 @@ DCNV3_CLONES void backward_task(const scalar_t* __restrict grad_output, const sc
   }
 }
 
+enum class Isa { kBaseline, kAvx2 };
+
+// DCNV3_CPU_ISA=baseline forces the baseline copy (for comparisons and debugging).
+Isa detect_isa() {
+#if DCNV3_X86_DISPATCH
+  __builtin_cpu_init();
+  const char* cap = std::getenv("DCNV3_CPU_ISA");
+  if (cap != nullptr && std::string(cap) == "baseline") return Isa::kBaseline;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kBaseline;
+}
+
+const Isa kIsa = detect_isa();
+
+// One copy of each kernel per instruction set; `kernel` is forward_pixels or backward_task.
+#define DCNV3_DEFINE_ISA_VARIANTS(kernel)                                               \
+  template <typename scalar_t, int CG, typename... Args>                                \
+  void kernel##_baseline(Args... args) {                                                \
+    kernel<scalar_t, CG>(args...);                                                      \
+  }                                                                                     \
+  DCNV3_ISA_VARIANT(kernel, avx2, DCNV3_TARGET_AVX2)                                    \
+  template <typename scalar_t, int CG, typename... Args>                                \
+  void kernel##_dispatch(Args... args) {                                                \
+    DCNV3_ISA_CALL(kernel, args)                                                        \
+    kernel##_baseline<scalar_t, CG>(args...);                                           \
+  }
+
+#if DCNV3_X86_DISPATCH
+#define DCNV3_ISA_VARIANT(kernel, isa, target)                                          \
+  template <typename scalar_t, int CG, typename... Args>                                \
+  target void kernel##_##isa(Args... args) {                                            \
+    kernel<scalar_t, CG>(args...);                                                      \
+  }
+#define DCNV3_ISA_CALL(kernel, args)                                                    \
+  if (kIsa == Isa::kAvx2) return kernel##_avx2<scalar_t, CG>(args...);
+#else
+#define DCNV3_ISA_VARIANT(kernel, isa, target)
+#define DCNV3_ISA_CALL(kernel, args)
+#endif
+
+DCNV3_DEFINE_ISA_VARIANTS(forward_pixels)
+DCNV3_DEFINE_ISA_VARIANTS(backward_task)
+
+// Calls f(std::integral_constant<int, CG>) with CG = the channels per group when it is
+// one that InternImage uses (16 for T..XL, 32 for H/G), else CG = 0 (any count).
+template <typename scalar_t, typename F>
+void dispatch_group_channels(int64_t group_channels, const F& f) {
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (group_channels == 16) return f(std::integral_constant<int, 16>{});
+    if (group_channels == 32) return f(std::integral_constant<int, 32>{});
+  }
+  f(std::integral_constant<int, 0>{});
+}
+
 Params make_params(int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                    int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group,
                    int64_t group_channels, double offset_scale, bool remove_center) {
@@ -236,8 +304,10 @@ at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_
     const scalar_t* off = offset.const_data_ptr<scalar_t>();
     const scalar_t* msk = mask.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
-      forward_pixels<scalar_t>(in, off, msk, out, geo, p, begin, end);
+    dispatch_group_channels<scalar_t>(group_channels, [&](auto cg) {
+      at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
+        forward_pixels_dispatch<scalar_t, decltype(cg)::value>(in, off, msk, out, geo, p, begin, end);
+      });
     });
   });
   return output;
@@ -291,16 +361,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
       scalar_t* gmsk = grad_mask.mutable_data_ptr<scalar_t>();
       acc_t* gi_base = direct ? reinterpret_cast<acc_t*>(grad_input.mutable_data_ptr<scalar_t>())
                               : partial.mutable_data_ptr<acc_t>();
-      at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t task = begin; task < end; ++task) {
-          const int64_t pair = task / chunks, chunk = task % chunks;
-          const int64_t n = pair / group, g = pair % group;
-          acc_t* grad_image = direct ? gi_base + n * hw_in * geo.channels + g * group_channels
-                                     : gi_base + task * hw_in * group_channels;
-          const int64_t stride = direct ? geo.channels : group_channels;
-          backward_task<scalar_t>(go, in, off, msk, grad_image, stride, goff, gmsk, geo, p, n, g,
-                                  chunk * hw_out / chunks, (chunk + 1) * hw_out / chunks);
-        }
+      dispatch_group_channels<scalar_t>(group_channels, [&](auto cg) {
+        at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t task = begin; task < end; ++task) {
+            const int64_t pair = task / chunks, chunk = task % chunks;
+            const int64_t n = pair / group, g = pair % group;
+            acc_t* grad_image = direct ? gi_base + n * hw_in * geo.channels + g * group_channels
+                                       : gi_base + task * hw_in * group_channels;
+            const int64_t stride = direct ? geo.channels : group_channels;
+            backward_task_dispatch<scalar_t, decltype(cg)::value>(go, in, off, msk, grad_image, stride, goff, gmsk, geo,
+                                                         p, n, g, chunk * hw_out / chunks,
+                                                         (chunk + 1) * hw_out / chunks);
+          }
+        });
       });
     });
   }
