@@ -185,6 +185,7 @@ class InternImage(BaseModule):
         init_cfg: mmengine init config; ``dict(type='Pretrained', checkpoint=PATH_OR_URL)``
             loads any official or converted checkpoint through
             :func:`internimage.checkpoint.load_backbone_weights`.
+        pretrained: shorthand for that init_cfg (as mmseg segmentors pass it).
     """
 
     def __init__(self, core_op="DCNv3", channels=64, depths=(4, 4, 18, 4), groups=(4, 8, 16, 32),
@@ -193,7 +194,11 @@ class InternImage(BaseModule):
                  dw_kernel_size=None, level2_post_norm=False, level2_post_norm_block_ids=None,
                  res_post_norm=False, center_feature_scale=False, remove_center=False,
                  out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
-                 init_cfg: Optional[dict] = None):
+                 init_cfg: Optional[dict] = None, pretrained: Optional[str] = None):
+        if pretrained is not None:  # mmseg's EncoderDecoder(pretrained=...) passes it down
+            if init_cfg is not None:
+                raise ValueError("give the backbone either init_cfg or pretrained, not both")
+            init_cfg = dict(type="Pretrained", checkpoint=pretrained)
         super().__init__(init_cfg=init_cfg)
         if core_op not in CORE_OPS:
             raise ValueError(f"core_op must be one of {sorted(CORE_OPS)}, got {core_op!r}")

@@ -1,0 +1,46 @@
+"""Parameters and FLOPs (multiply-accumulates) of an InternImage variant or a config.
+
+    python tools/get_flops.py --variant t [--shape 224] [--json]
+    python tools/get_flops.py configs/mask_rcnn/mask_rcnn_internimage_t_fpn_1x_coco.py --shape 800 1280
+
+A variant is its 1000-class classifier (default shape: the released resolution); a
+config is its whole detector or segmentor. See internimage/flops.py for the counting rule.
+"""
+import argparse
+import json
+
+from mmengine.config import Config
+
+from internimage.flops import classifier_complexity, config_complexity
+from internimage.variants import IMAGE_SIZE, VARIANTS
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", help="mmdet/mmseg config file")
+    parser.add_argument("--variant", choices=list(VARIANTS), help="an InternImage classifier variant")
+    parser.add_argument("--shape", type=int, nargs="+", help="input H [W] (default: the variant's resolution, "
+                        "or 1280x800 for a config)")
+    parser.add_argument("--json", action="store_true", help='print one JSON object {"params", "flops", ...}')
+    args = parser.parse_args()
+    if (args.config is None) == (args.variant is None):
+        parser.error("give either a CONFIG or --variant")
+    if args.shape and len(args.shape) > 2:
+        parser.error("--shape takes H or H W")
+    if args.variant:
+        default = IMAGE_SIZE[args.variant]
+        height, width = (args.shape * 2)[:2] if args.shape else (default, default)
+        params, flops = classifier_complexity(args.variant, height, width)
+        name = f"internimage_{args.variant}"
+    else:
+        height, width = (args.shape * 2)[:2] if args.shape else (800, 1280)
+        params, flops = config_complexity(Config.fromfile(args.config), height, width)
+        name = args.config
+    if args.json:
+        print(json.dumps({"model": name, "shape": [height, width], "params": params, "flops": flops}))
+    else:
+        print(f"{name} at {height}x{width}: params {params / 1e6:.2f}M, FLOPs (MACs) {flops / 1e9:.2f}G")
+
+
+if __name__ == "__main__":
+    main()
