@@ -10,6 +10,7 @@ from .checkpoint import load_backbone_weights, load_classifier_weights, to_state
 from .models import InternImage, InternImageClassifier
 from .registry import register_all
 from .variants import VARIANTS
+from . import optim  # noqa: F401  (registers the layer-decay optimizer constructor)
 from .version import __version__
 
 __all__ = ["InternImage", "InternImageClassifier", "build_model", "load_backbone_weights",

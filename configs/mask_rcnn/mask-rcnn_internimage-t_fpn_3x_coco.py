@@ -1,0 +1,5 @@
+# Mask R-CNN + FPN, InternImage-T, 3x multi-scale/crop schedule (official: 49.1 / 43.7).
+_base_ = ['./mask-rcnn_internimage-t_fpn_1x_coco.py', '../_base_/coco_instance_ms_crop_3x.py']
+train_dataloader = dict(dataset=dict(pipeline={{_base_.ms_crop_train_pipeline}}))
+train_cfg = {{_base_.ms_crop_3x_schedule.train_cfg}}
+param_scheduler = {{_base_.ms_crop_3x_schedule.param_scheduler}}

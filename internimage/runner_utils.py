@@ -1,0 +1,77 @@
+"""Shared logic of tools/train.py and tools/test.py (kept here so tests can reach it)."""
+import os
+import subprocess
+
+import torch
+from mmengine.config import Config, DictAction  # noqa: F401  (re-exported for the tools)
+from mmengine.logging import print_log
+
+
+def apply_common_args(cfg: Config, args) -> Config:
+    """--cfg-options, --launcher, --work-dir (default: ./work_dirs/<config name>)."""
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.launcher = args.launcher
+    if args.work_dir:
+        cfg.work_dir = args.work_dir
+    elif cfg.get("work_dir") is None:
+        cfg.work_dir = os.path.join("./work_dirs", os.path.splitext(os.path.basename(args.config))[0])
+    cfg.setdefault("custom_imports", dict(imports=["internimage"], allow_failed_imports=False))
+    if not torch.cuda.is_available():
+        use_cpu_sync_bn_free_norms(cfg)
+    if args.launcher != "none" and not torch.cuda.is_available():
+        setup_cpu_distributed(cfg, args.launcher)
+    return cfg
+
+
+def use_cpu_sync_bn_free_norms(cfg: Config):
+    """SyncBN needs a GPU process group; on a CPU machine use BN (same parameters)."""
+    def visit(node):
+        if isinstance(node, dict):
+            if node.get("type") == "SyncBN":
+                node["type"] = "BN"
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                visit(value)
+
+    if "SyncBN" in str(cfg.model):
+        visit(cfg.model)
+        print_log("No GPU: SyncBN layers of the model are built as BN", logger="current")
+
+
+def setup_cpu_distributed(cfg: Config, launcher: str):
+    """Multi-process training on CPUs with mmengine's launchers.
+
+    mmengine 0.10.7 calls ``torch.cuda.set_device`` while initialising the process group
+    and wraps the model in DDP with ``device_ids=[LOCAL_RANK]``; neither works without a
+    GPU. So the process group is initialised here (gloo), before the Runner, which then
+    finds it ready, and DDP gets ``device_ids=None``.
+    """
+    import torch.distributed as dist
+
+    dist_cfg = cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})
+    if dist_cfg.get("backend", "nccl") != "gloo":
+        print_log(f"No GPU: using the gloo process-group backend instead of {dist_cfg.get('backend', 'nccl')}",
+                  logger="current")
+        dist_cfg["backend"] = "gloo"
+    if launcher == "slurm":
+        _slurm_environment()
+    elif launcher != "pytorch":
+        raise ValueError(f"launcher {launcher!r} is not supported on CPU; use 'pytorch' or 'slurm'")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False,
+                                 find_unused_parameters=cfg.get("find_unused_parameters", False))
+
+
+def _slurm_environment():
+    """RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from Slurm's variables (as mmengine does)."""
+    os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
+    os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    os.environ.setdefault("MASTER_PORT", os.environ.get("PORT", "29500"))
+    if "MASTER_ADDR" not in os.environ:
+        nodes = subprocess.check_output(["scontrol", "show", "hostname", os.environ["SLURM_NODELIST"]], text=True)
+        os.environ["MASTER_ADDR"] = nodes.split()[0]

@@ -1,0 +1,64 @@
+"""Evaluate a checkpoint on a config's test set (mmdet 3.x or mmseg 1.x).
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir D] [--out F] [--show-dir D]
+                         [--cfg-options k=v ...] [--launcher none|pytorch|slurm]
+
+CHECKPOINT may be this project's, an mmdet 2.x / mmseg 0.x one, or a path/URL.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import internimage  # noqa: E402,F401
+from internimage.runner_utils import DictAction, apply_common_args  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.evaluator import DumpResults  # noqa: E402
+from mmengine.registry import RUNNERS  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Test a checkpoint")
+    parser.add_argument("config", help="config file")
+    parser.add_argument("checkpoint", help="checkpoint file or URL")
+    parser.add_argument("--work-dir", help="where the metrics are written")
+    parser.add_argument("--out", help="dump the raw predictions to this .pkl file")
+    parser.add_argument("--show-dir", help="save images with predictions drawn under this folder")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config keys, k=v")
+    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    return args
+
+
+def enable_visualization(cfg, show_dir):
+    hook = cfg.default_hooks.get("visualization")
+    if hook is None:
+        raise KeyError("the config has no default_hooks.visualization to draw predictions with")
+    hook["draw"] = True
+    hook["interval"] = 1
+    if cfg.get("default_scope") == "mmseg":  # SegVisualizationHook saves through the visualizer
+        cfg.visualizer["save_dir"] = show_dir
+    else:
+        hook["test_out_dir"] = os.path.abspath(show_dir)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = apply_common_args(Config.fromfile(args.config), args)
+    cfg.load_from = args.checkpoint
+    if args.show_dir:
+        enable_visualization(cfg, args.show_dir)
+    runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
+    if args.out:
+        if not args.out.endswith((".pkl", ".pickle")):
+            raise ValueError(f"--out must be a .pkl file, got {args.out}")
+        runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
+    return runner.test()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Train a detector or segmentor from a config (mmdet 3.x or mmseg 1.x, picked by its scope).
+
+    python tools/train.py CONFIG [--work-dir D] [--resume [CKPT]] [--amp] [--cfg-options k=v ...]
+                                 [--launcher none|pytorch|slurm]
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import internimage  # noqa: E402,F401  (registries, weights_only-safe checkpoint loading)
+from internimage.runner_utils import DictAction, apply_common_args  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import RUNNERS  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train a model from a config")
+    parser.add_argument("config", help="config file")
+    parser.add_argument("--work-dir", help="where logs and checkpoints go (default: work_dirs/<config>)")
+    parser.add_argument("--resume", nargs="?", type=str, const="auto",
+                        help="resume from CKPT, or without a value from the latest checkpoint in the work dir")
+    parser.add_argument("--amp", action="store_true", help="automatic mixed precision")
+    parser.add_argument("--auto-scale-lr", action="store_true", help="scale the lr by the total batch size")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config keys, k=v")
+    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = apply_common_args(Config.fromfile(args.config), args)
+    if args.amp:
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
+    if args.auto_scale_lr:
+        cfg.setdefault("auto_scale_lr", {})["enable"] = True
+    if args.resume == "auto":
+        cfg.resume, cfg.load_from = True, None
+    elif args.resume is not None:
+        cfg.resume, cfg.load_from = True, args.resume
+    runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
+    runner.train()
+
+
+if __name__ == "__main__":
+    main()
