@@ -1,4 +1,6 @@
 """Register InternImage into the OpenMMLab model registries that are installed."""
+import importlib.util
+
 from .models import InternImage
 
 
@@ -14,3 +16,6 @@ def register_all():
 
 
 register_all()
+
+if importlib.util.find_spec("mmseg") is not None:  # ADE20K dataset checks
+    from . import seg_datasets  # noqa: F401
