@@ -11,6 +11,7 @@ from .models import InternImage, InternImageClassifier
 from .registry import register_all
 from .variants import VARIANTS
 from . import optim  # noqa: F401  (registers the layer-decay optimizer constructor)
+from . import publish  # noqa: F401  (verifies hash-named checkpoints when they load)
 from .version import __version__
 
 __all__ = ["InternImage", "InternImageClassifier", "build_model", "load_backbone_weights",
