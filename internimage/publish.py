@@ -71,7 +71,7 @@ def publish_checkpoint(src: str, out: str) -> str:
     if "state_dict" not in ckpt:
         raise KeyError(f"{src} has no 'state_dict': not an mmengine training checkpoint")
     meta = {k: v for k, v in (ckpt.get("meta") or {}).items() if k in _KEPT_META}
-    meta.update(internimage_version=__version__, torch_version=torch.__version__, mmcv_version=mmcv.__version__)
+    meta.update(internimage_version=__version__, torch_version=str(torch.__version__), mmcv_version=str(mmcv.__version__))
     stem = out[:-len(".pth")] if out.endswith(".pth") else out
     tmp = stem + ".unhashed.pth"
     save_atomic({"meta": meta, "state_dict": ckpt["state_dict"]}, tmp)

@@ -1,0 +1,157 @@
+"""End-to-end CPU benchmark: InternImage-T against timm's ConvNeXt-T and Swin-T, and against
+the same InternImage-T on the pure-PyTorch reference DCNv3 core (the official CPU path).
+
+Times are medians after warm-up, in one process with a fixed thread count; peak memory
+is the growth of peak RSS in a fresh subprocess running one more step after warm-up.
+
+    python tools/benchmark.py [--threads N] [--repeats R] [--no-memory] [--json OUT]
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MODELS = ("internimage_t", "internimage_t_reference", "convnext_tiny", "swin_tiny")
+# (name, batch, H, W, mode); mode: inference | train | backbone
+CASES = [
+    ("cls 224 b1 inference", 1, 224, 224, "inference"),
+    ("cls 224 b8 inference", 8, 224, 224, "inference"),
+    ("cls 224 b8 train step", 8, 224, 224, "train"),
+    ("det backbone 800x1333 b1", 1, 800, 1333, "backbone"),
+]
+
+
+def build(name, mode):
+    import timm
+
+    from internimage import InternImage, build_model
+    from internimage.variants import backbone_config
+
+    core = "DCNv3_pytorch" if name.endswith("_reference") else "DCNv3"
+    if name.startswith("internimage"):
+        if mode == "backbone":
+            return InternImage(core_op=core, **backbone_config("t", drop_path_rate=0.0))
+        return build_model("internimage_t", core_op=core, drop_path_rate=0.0)
+    timm_name = {"convnext_tiny": "convnext_tiny", "swin_tiny": "swin_tiny_patch4_window7_224"}[name]
+    if mode == "backbone":
+        if name == "swin_tiny":
+            return None  # timm's Swin needs image sizes divisible by its windows
+        return timm.create_model(timm_name, pretrained=False, features_only=True)
+    return timm.create_model(timm_name, pretrained=False)
+
+
+def make_step(model, mode, batch, height, width):
+    images = torch.rand(batch, 3, height, width)
+    if mode == "train":
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        target = torch.randint(0, 1000, (batch,))
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(images), target).backward()
+            optimizer.step()
+        return step
+    model.eval()
+
+    def step():
+        with torch.inference_mode():
+            model(images)
+    return step
+
+
+def time_case(name, case, repeats):
+    _, batch, height, width, mode = case
+    model = build(name, mode)
+    if model is None:
+        return None
+    step = make_step(model, mode, batch, height, width)
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+_MEMORY_PROBE = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from tools.benchmark import CASES, build, make_step
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+torch.set_num_threads({threads})
+case = CASES[{case}]
+step = make_step(build({name!r}, case[4]), case[4], *case[1:4])
+step()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS:")
+step()
+print(status("VmHWM:") - base)
+"""
+
+
+def peak_memory_mb(name, case_index, threads):
+    code = _MEMORY_PROBE.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), threads=threads,
+                                case=case_index, name=name)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, threads: {torch.get_num_threads()}, median of {args.repeats} after warm-up")
+
+    results = {}
+    for index, case in enumerate(CASES):
+        for name in MODELS:
+            seconds = time_case(name, case, args.repeats)
+            if seconds is None:
+                continue
+            row = {"ms": seconds * 1e3}
+            if not args.no_memory:
+                row["peak_mb"] = peak_memory_mb(name, index, args.threads)
+            results.setdefault(case[0], {})[name] = row
+            print(f"  {case[0]:<26} {name:<24} {row['ms']:9.1f} ms"
+                  + ("" if args.no_memory else f" {row['peak_mb']:8.0f} MB"), flush=True)
+
+    print(f"\n{'case':<26}" + "".join(f"{m:>26}" for m in MODELS))
+    for case, rows in results.items():
+        print(f"{case:<26}" + "".join(f"{rows[m]['ms']:>23.1f} ms" if m in rows else f"{'-':>26}" for m in MODELS))
+    print()
+    for case, rows in results.items():
+        ours = rows["internimage_t"]
+        line = (f"{case}: InternImage-T / ConvNeXt-T time {ours['ms'] / rows['convnext_tiny']['ms']:.2f}x, "
+                f"reference-core model / ours {rows['internimage_t_reference']['ms'] / ours['ms']:.2f}x")
+        if not args.no_memory:
+            line += f", memory ours / ConvNeXt-T {ours['peak_mb'] / rows['convnext_tiny']['peak_mb']:.2f}x"
+        print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "results": results}, f,
+                      indent=2)
+
+
+if __name__ == "__main__":
+    main()
