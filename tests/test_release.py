@@ -115,3 +115,17 @@ def test_quickstart_script_end_to_end(tmp_path):
         assert (work / name).stat().st_size > 1000
     assert list((work / "published").glob("mask-rcnn_internimage-mini_shapes-*.pth"))
     assert "tools/train.py configs/quickstart/mask-rcnn_internimage-mini_shapes.py --cfg-options load_from=" in log
+
+
+def test_image_demo_draws_detections(trained_checkpoint, tmp_path):
+    ckpt, data = trained_checkpoint
+    image = sorted(Path(data, "val").glob("*.png"))[0]
+    out = tmp_path / "demo.png"
+    env = dict(os.environ, INTERNIMAGE_SHAPES_COCO=data)
+    result = subprocess.run([sys.executable, "tools/image_demo.py", str(image), str(TINY), str(ckpt), "--out-file",
+                             str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import cv2
+
+    drawn = cv2.imread(str(out))
+    assert drawn is not None and drawn.shape[:2] == cv2.imread(str(image)).shape[:2]

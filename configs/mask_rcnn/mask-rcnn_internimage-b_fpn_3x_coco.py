@@ -1,13 +1,5 @@
 # Mask R-CNN + FPN, InternImage-B, 3x schedule (official: 50.3 / 44.8 box / mask mAP).
-_base_ = ['./mask-rcnn_internimage-t_fpn_3x_coco.py']
-pretrained = 'https://huggingface.co/OpenGVLab/InternImage/resolve/main/internimage_b_1k_224.pth'
-model = dict(
-    backbone=dict(
-        channels=112,
-        depths=[4, 4, 21, 4],
-        groups=[7, 14, 28, 56],
-        drop_path_rate=0.4,
-        post_norm=True,
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
-    neck=dict(in_channels=[112, 224, 448, 896]))
-optim_wrapper = dict(paramwise_cfg=dict(num_layers=33, layer_decay_rate=1.0))
+_base_ = ['./mask-rcnn_internimage-b_fpn_1x_coco.py', '../_base_/coco_instance_ms_crop_3x.py']
+train_dataloader = dict(dataset=dict(pipeline={{_base_.ms_crop_train_pipeline}}))
+train_cfg = {{_base_.ms_crop_3x_schedule.train_cfg}}
+param_scheduler = {{_base_.ms_crop_3x_schedule.param_scheduler}}
