@@ -9,6 +9,7 @@ installed: the extension is compiled against it).
 import glob
 import os
 import re
+import sysconfig
 
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -43,9 +44,13 @@ def make_extension():
     if want_cuda():
         sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
         define_macros.append(("WITH_CUDA", None))
+        # Headers of the CUDA libraries installed with torch's wheels, for toolkits
+        # that ship only the compiler and runtime.
+        wheel_includes = sorted(glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*", "include")))
         return CUDAExtension(
             "ops_dcnv3._C",
             sources,
+            include_dirs=wheel_includes,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
             extra_link_args=["-fopenmp"],

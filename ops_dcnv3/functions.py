@@ -89,7 +89,15 @@ def _check_args(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad
 
 def dcnv3(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
           dilation_h, dilation_w, group, group_channels, offset_scale, remove_center=False):
-    """DCNv3 core op on the compiled kernels (see the module docstring)."""
+    """DCNv3 core op on the compiled kernels (see the module docstring).
+
+    Under autocast, the three tensors are cast to the autocast dtype first (in a model the
+    projections come out in that dtype while the mask softmax stays in float32).
+    """
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        input, offset, mask = input.to(dtype), offset.to(dtype), mask.to(dtype)
     _check_args(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                 dilation_h, dilation_w, group, group_channels, remove_center)
     return _ops.dcnv3_forward(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,

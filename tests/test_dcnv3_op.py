@@ -258,3 +258,18 @@ def test_compiled_op_checks_its_inputs_too():
         torch.ops.ops_dcnv3.dcnv3_forward(input, offset[..., :-2], mask, *params)
     with pytest.raises(RuntimeError, match="group \\* group_channels"):
         torch.ops.ops_dcnv3.dcnv3_forward(input[..., :6], offset, mask, *params)
+
+
+def test_module_under_cpu_bfloat16_autocast():
+    torch.manual_seed(0)
+    module = ops_dcnv3.DCNv3(channels=32, group=2)
+    torch.nn.init.normal_(module.offset.weight, std=0.3)
+    x = torch.randn(2, 7, 9, 32)
+    expected = module(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out.float(), expected) < 3e-2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module(x.requires_grad_()).float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
