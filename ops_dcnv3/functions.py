@@ -88,8 +88,12 @@ def _check_args(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad
 
 
 def dcnv3(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-          dilation_h, dilation_w, group, group_channels, offset_scale, remove_center=False):
+          dilation_h, dilation_w, group, group_channels, offset_scale, remove_center=False, softmax=False):
     """DCNv3 core op on the compiled kernels (see the module docstring).
+
+    With ``softmax=True`` the mask holds logits, normalised over the P points of each
+    group inside the kernels (the DCNv3 module's softmax, fused: no extra pass over the
+    mask in either direction).
 
     Under autocast, the three tensors are cast to the autocast dtype first (in a model the
     projections come out in that dtype while the mask softmax stays in float32).
@@ -102,14 +106,15 @@ def dcnv3(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pa
                 dilation_h, dilation_w, group, group_channels, remove_center)
     return _ops.dcnv3_forward(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                               dilation_h, dilation_w, group, group_channels, float(offset_scale),
-                              bool(remove_center))
+                              bool(remove_center), bool(softmax))
 
 
 # --- torch.library registrations: fake kernels and autograd -------------------
 
 @torch.library.register_fake("ops_dcnv3::dcnv3_forward")
 def _dcnv3_forward_fake(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                        dilation_h, dilation_w, group, group_channels, offset_scale, remove_center):
+                        dilation_h, dilation_w, group, group_channels, offset_scale, remove_center,
+                        softmax=False):
     ho, wo, _ = _check_args(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                             dilation_h, dilation_w, group, group_channels, remove_center)
     return input.new_empty((input.shape[0], ho, wo, input.shape[3]))
@@ -138,7 +143,8 @@ torch.library.register_autograd("ops_dcnv3::dcnv3_forward", _backward, setup_con
 # --- pure PyTorch reference ---------------------------------------------------
 
 def dcnv3_reference(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                    dilation_h, dilation_w, group, group_channels, offset_scale, remove_center=False):
+                    dilation_h, dilation_w, group, group_channels, offset_scale, remove_center=False,
+                    softmax=False):
     """DCNv3 core op in plain PyTorch (``F.grid_sample``), the numerical reference.
 
     Sampling locations are built in the input's dtype, and the image is not padded:
@@ -172,6 +178,9 @@ def dcnv3_reference(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w,
     image = input.reshape(n, h, w, group, group_channels).permute(0, 3, 4, 1, 2)
     image = image.reshape(n * group, group_channels, h, w)
     sampled = F.grid_sample(image, sampling_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    weights = mask.reshape(n, ho * wo, group, points).permute(0, 2, 1, 3).reshape(n * group, 1, ho * wo, points)
+    weights = mask.reshape(n, ho * wo, group, points)
+    if softmax:
+        weights = weights.softmax(-1)
+    weights = weights.permute(0, 2, 1, 3).reshape(n * group, 1, ho * wo, points)
     output = (sampled * weights).sum(-1)  # (N*G, Cg, Ho*Wo)
     return output.reshape(n, group * group_channels, ho, wo).permute(0, 2, 3, 1).contiguous()

@@ -133,14 +133,13 @@ class DCNv3(nn.Module):
 
     def forward(self, input):
         """input: (N, H, W, C) -> (N, Ho, Wo, C)."""
-        n, h, w, _ = input.shape
         x_proj = self.input_proj(input)
         features = self.dw_conv(input.permute(0, 3, 1, 2))  # channels-last out
         offset = self.offset(features)
-        mask = self.mask(features).reshape(n, h, w, self.group, -1).softmax(-1).reshape(n, h, w, -1)
-        x = self.core_op(x_proj, offset, mask, self.kernel_size, self.kernel_size, self.stride, self.stride,
+        mask_logits = self.mask(features)  # softmax over the points of each group: inside the op
+        x = self.core_op(x_proj, offset, mask_logits, self.kernel_size, self.kernel_size, self.stride, self.stride,
                          self.pad, self.pad, self.dilation, self.dilation, self.group, self.group_channels,
-                         self.offset_scale, bool(self.remove_center))
+                         self.offset_scale, bool(self.remove_center), softmax=True)
         if self.center_feature_scale:
             scale = F.linear(features, self.center_feature_scale_proj_weight,
                              self.center_feature_scale_proj_bias).sigmoid()

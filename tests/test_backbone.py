@@ -210,3 +210,13 @@ def test_with_cp_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def test_backbone_traces_with_torch_compile_fullgraph():
+    torch.manual_seed(0)
+    backbone = InternImage(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0).eval()
+    x = torch.randn(1, 3, 64, 64)
+    compiled = torch.compile(backbone, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for got, want in zip(compiled(x), backbone(x)):
+            torch.testing.assert_close(got, want)

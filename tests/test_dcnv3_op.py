@@ -81,9 +81,13 @@ def random_configs(count, seed):
     return configs
 
 
+@pytest.mark.parametrize("softmax", [False, True], ids=["mask", "softmax"])
 @pytest.mark.parametrize("cfg", random_configs(40, seed=random.randrange(10**6)), ids=lambda c: str(c["seed"]))
-def test_matches_reference_on_random_cases(cfg):
+def test_matches_reference_on_random_cases(cfg, softmax):
     input, offset, mask, params = make_case(**cfg)
+    if softmax:  # logits of any scale
+        mask = torch.randn(mask.shape, dtype=mask.dtype, generator=torch.Generator().manual_seed(cfg["seed"])) * 3
+    params = params + (softmax,)
     out, grads = run_with_grads(dcnv3, input, offset, mask, params)
     ref_out, ref_grads = run_with_grads(dcnv3_reference, input, offset, mask, params)
     assert rel_err(out, ref_out) < 1e-10, cfg
@@ -119,6 +123,8 @@ def test_gradcheck_float64():
             cfg["pad_w"], 1, 1, cfg["group"], 3, 1.5, cfg["remove_center"], offset_range=1.3)
         inputs = tuple(t.requires_grad_() for t in (input, offset, mask))
         assert torch.autograd.gradcheck(lambda i, o, m: dcnv3(i, o, m, *params), inputs, eps=1e-6, atol=1e-6)
+        assert torch.autograd.gradcheck(lambda i, o, m: dcnv3(i, o, m, *params, softmax=True), inputs, eps=1e-6,
+                                        atol=1e-6)
 
 
 def test_opcheck():
@@ -126,6 +132,7 @@ def test_opcheck():
     for t in (input, offset, mask):
         t.requires_grad_()
     torch.library.opcheck(torch.ops.ops_dcnv3.dcnv3_forward.default, (input, offset, mask) + params)
+    torch.library.opcheck(torch.ops.ops_dcnv3.dcnv3_forward.default, (input, offset, mask) + params + (True,))
     grad_output = torch.randn(2, 5, 6, 8)
     torch.library.opcheck(torch.ops.ops_dcnv3.dcnv3_backward.default,
                           (grad_output, input.detach(), offset.detach(), mask.detach()) + params)

@@ -176,3 +176,10 @@ def test_dist_train_two_processes_on_cpu(shapes_coco, tmp_path):
     # 8 images, 2 per process, 2 processes: 2 iterations per epoch.
     assert "Epoch(train) [1][2/2]" in log
     assert (work_dir / "epoch_1.pth").exists()
+
+
+def test_amp_training_on_cpu_uses_bfloat16(shapes_coco, tmp_path):
+    log = run_tool([sys.executable, "tools/train.py", str(TINY), "--work-dir", str(tmp_path / "amp"), "--amp",
+                    "--cfg-options", "train_cfg.val_interval=2"], shapes_coco)
+    assert "AmpOptimWrapper" in log and "bfloat16" in log
+    assert "Epoch(train) [1][4/4]" in log and (tmp_path / "amp" / "epoch_1.pth").exists()

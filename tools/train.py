@@ -9,6 +9,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
+
 import internimage  # noqa: E402,F401  (registries, weights_only-safe checkpoint loading)
 from internimage.runner_utils import DictAction, apply_common_args  # noqa: E402
 from mmengine.config import Config  # noqa: E402
@@ -38,6 +40,8 @@ def main(argv=None):
     if args.amp:
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
+        if not torch.cuda.is_available():
+            cfg.optim_wrapper.setdefault("dtype", "bfloat16")  # CPU autocast runs in bfloat16
     if args.auto_scale_lr:
         cfg.setdefault("auto_scale_lr", {})["enable"] = True
     if args.resume == "auto":

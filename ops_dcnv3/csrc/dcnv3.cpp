@@ -1,6 +1,8 @@
 // Schema of the DCNv3 operator. Kernels live in one file per dispatch key
 // (cpu/dcnv3_cpu.cpp, cuda/dcnv3_cuda.cu); autograd and fake kernels are
-// registered from Python (ops_dcnv3/functions.py).
+// registered from Python (ops_dcnv3/functions.py). With softmax=True the mask holds
+// logits that the kernels normalise over the P points of each group (fused softmax);
+// dcnv3_backward then returns the gradient with respect to those logits.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -17,10 +19,10 @@ TORCH_LIBRARY(ops_dcnv3, m) {
   m.def(
       "dcnv3_forward(Tensor input, Tensor offset, Tensor mask, int kernel_h, int kernel_w, "
       "int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, "
-      "int group, int group_channels, float offset_scale, bool remove_center) -> Tensor");
+      "int group, int group_channels, float offset_scale, bool remove_center, bool softmax=False) -> Tensor");
   m.def(
       "dcnv3_backward(Tensor grad_output, Tensor input, Tensor offset, Tensor mask, int kernel_h, "
       "int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, "
-      "int dilation_w, int group, int group_channels, float offset_scale, bool remove_center) "
-      "-> (Tensor, Tensor, Tensor)");
+      "int dilation_w, int group, int group_channels, float offset_scale, bool remove_center, "
+      "bool softmax=False) -> (Tensor, Tensor, Tensor)");
 }

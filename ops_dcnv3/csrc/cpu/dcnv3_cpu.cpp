@@ -44,7 +44,26 @@ struct Params {
   int64_t group, group_channels;
   double offset_scale;
   bool remove_center;
+  bool softmax;  // the mask holds logits: normalise over the P points of each group first
 };
+
+// The sampling weights of one (pixel, group): the mask values, or their softmax over the
+// P points when p.softmax (max subtracted first, as torch.softmax does).
+template <typename scalar_t, typename acc_t>
+inline void sampling_weights(const scalar_t* mask, int64_t points, bool softmax, acc_t* weights) {
+  if (!softmax) {
+    for (int64_t k = 0; k < points; ++k) weights[k] = acc_t(mask[k]);
+    return;
+  }
+  acc_t largest = acc_t(mask[0]);
+  for (int64_t k = 1; k < points; ++k) largest = std::max(largest, acc_t(mask[k]));
+  acc_t total = 0;
+  for (int64_t k = 0; k < points; ++k) {
+    weights[k] = std::exp(acc_t(mask[k]) - largest);
+    total += weights[k];
+  }
+  for (int64_t k = 0; k < points; ++k) weights[k] /= total;
+}
 
 // Position of each sampling point relative to the output pixel's centre on the
 // regular grid, in the x-major order of the offset/mask tensors (centre skipped
@@ -112,6 +131,7 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
   std::vector<acc_t> acc_any(CG > 0 ? 0 : Cg);
   acc_t* const acc = CG > 0 ? acc_fixed : acc_any.data();
   const std::vector<scalar_t> zeros(Cg, scalar_t(0));
+  std::vector<acc_t> weights(P);
   for (int64_t idx = begin; idx < end; ++idx) {
     const int64_t n = idx / hw_out, ho = (idx % hw_out) / geo.width_out, wo = idx % geo.width_out;
     const acc_t base_x = acc_t(wo * p.stride_w - p.pad_w + (p.dilation_w * (p.kernel_w - 1)) / 2);
@@ -120,6 +140,7 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
     const scalar_t* off = offset + idx * p.group * P * 2;
     const scalar_t* msk = mask + idx * p.group * P;
     for (int64_t g = 0; g < p.group; ++g) {
+      sampling_weights(msk + g * P, P, p.softmax, weights.data());
       acc_t* __restrict a = acc;
       for (int64_t ch = 0; ch < Cg; ++ch) a[ch] = acc_t(0);
       for (int64_t k = 0; k < P; ++k) {
@@ -127,7 +148,7 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
         const acc_t y = base_y + (grid.dy[k] + acc_t(off[(g * P + k) * 2 + 1])) * scale;
         Corners<acc_t> c;
         if (!locate(x, y, geo.height_in, geo.width_in, c)) continue;
-        const acc_t m = acc_t(msk[g * P + k]);
+        const acc_t m = weights[k];
         const scalar_t* v[4];
         acc_t w[4];
         for (int corner = 0; corner < 4; ++corner) {
@@ -164,6 +185,7 @@ DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const sc
   const acc_t scale = acc_t(p.offset_scale);
   const std::vector<scalar_t> zeros(Cg, scalar_t(0));
   std::vector<acc_t> sink(Cg);  // write target for corners outside the image
+  std::vector<acc_t> weights(P), grad_weights(P);
   const scalar_t* image = input + n * geo.height_in * geo.width_in * C + g * Cg;
   for (int64_t pix = pix_begin; pix < pix_end; ++pix) {
     const int64_t idx = n * geo.height_out * geo.width_out + pix;
@@ -175,15 +197,17 @@ DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const sc
     const scalar_t* msk = mask + (idx * p.group + g) * P;
     scalar_t* goff = grad_offset + (idx * p.group + g) * P * 2;
     scalar_t* gmsk = grad_mask + (idx * p.group + g) * P;
+    sampling_weights(msk, P, p.softmax, weights.data());
     for (int64_t k = 0; k < P; ++k) {
       const acc_t x = base_x + (grid.dx[k] + acc_t(off[k * 2])) * scale;
       const acc_t y = base_y + (grid.dy[k] + acc_t(off[k * 2 + 1])) * scale;
       Corners<acc_t> c;
       if (!locate(x, y, geo.height_in, geo.width_in, c)) {
-        goff[k * 2] = goff[k * 2 + 1] = gmsk[k] = scalar_t(0);
+        goff[k * 2] = goff[k * 2 + 1] = scalar_t(0);
+        grad_weights[k] = 0;
         continue;
       }
-      const acc_t m = acc_t(msk[k]);
+      const acc_t m = weights[k];
       const scalar_t* v[4];
       acc_t* gi[4];
       acc_t w[4];
@@ -211,11 +235,19 @@ DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const sc
         const acc_t wc = w[corner];
         for (int64_t ch = 0; ch < Cg; ++ch) dst[ch] += wc * acc_t(go[ch]);
       }
-      gmsk[k] = scalar_t(c.weight[0] * d0 + c.weight[1] * d1 + c.weight[2] * d2 + c.weight[3] * d3);
+      grad_weights[k] = c.weight[0] * d0 + c.weight[1] * d1 + c.weight[2] * d2 + c.weight[3] * d3;
       const acc_t grad_x = m * (c.hy * (d1 - d0) + c.ly * (d3 - d2));
       const acc_t grad_y = m * (c.hx * (d2 - d0) + c.lx * (d3 - d1));
       goff[k * 2] = scalar_t(grad_x * scale);
       goff[k * 2 + 1] = scalar_t(grad_y * scale);
+    }
+    // Through the softmax: d logit_k = w_k * (d w_k - sum_q w_q d w_q).
+    acc_t weighted = 0;
+    if (p.softmax) {
+      for (int64_t k = 0; k < P; ++k) weighted += weights[k] * grad_weights[k];
+    }
+    for (int64_t k = 0; k < P; ++k) {
+      gmsk[k] = scalar_t(p.softmax ? weights[k] * (grad_weights[k] - weighted) : grad_weights[k]);
     }
   }
 }
@@ -277,22 +309,22 @@ void dispatch_group_channels(int64_t group_channels, const F& f) {
 
 Params make_params(int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                    int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group,
-                   int64_t group_channels, double offset_scale, bool remove_center) {
-  return Params{kernel_h, kernel_w,  stride_h, stride_w,       pad_h,        pad_w,
-                dilation_h, dilation_w, group,    group_channels, offset_scale, remove_center};
+                   int64_t group_channels, double offset_scale, bool remove_center, bool softmax) {
+  return Params{kernel_h,   kernel_w,   stride_h, stride_w,       pad_h,        pad_w,         dilation_h,
+                dilation_w, group,      group_channels, offset_scale, remove_center, softmax};
 }
 
 at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_, const at::Tensor& mask_,
                              int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
                              int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w,
                              int64_t group, int64_t group_channels, double offset_scale,
-                             bool remove_center) {
+                             bool remove_center, bool softmax) {
   const Geometry geo = check_dcnv3_args(input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w,
                                         pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
                                         remove_center);
   TORCH_CHECK(input_.device().is_cpu(), "dcnv3_forward_cpu: tensors must be on the CPU");
   const Params p = make_params(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                               dilation_w, group, group_channels, offset_scale, remove_center);
+                               dilation_w, group, group_channels, offset_scale, remove_center, softmax);
   const at::Tensor input = input_.contiguous(), offset = offset_.contiguous(), mask = mask_.contiguous();
   at::Tensor output = at::empty({geo.batch, geo.height_out, geo.width_out, geo.channels}, input.options());
   const int64_t pixels = geo.batch * geo.height_out * geo.width_out;
@@ -317,7 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
     const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& offset_,
     const at::Tensor& mask_, int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
     int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group,
-    int64_t group_channels, double offset_scale, bool remove_center) {
+    int64_t group_channels, double offset_scale, bool remove_center, bool softmax) {
   const Geometry geo = check_dcnv3_args(input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w,
                                         pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
                                         remove_center);
@@ -329,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
   TORCH_CHECK(grad_output_.scalar_type() == input_.scalar_type(), "dcnv3: grad_output must have dtype ",
               input_.scalar_type(), ", got ", grad_output_.scalar_type());
   const Params p = make_params(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                               dilation_w, group, group_channels, offset_scale, remove_center);
+                               dilation_w, group, group_channels, offset_scale, remove_center, softmax);
   const at::Tensor grad_output = grad_output_.contiguous(), input = input_.contiguous(),
                    offset = offset_.contiguous(), mask = mask_.contiguous();
   at::Tensor grad_offset = at::empty_like(offset);

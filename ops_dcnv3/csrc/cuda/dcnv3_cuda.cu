@@ -8,7 +8,9 @@
 // atomics into a float32 (float64) buffer; grad_offset and grad_mask, sums over the
 // channels of a group, are reduced with warp shuffles when the channels of a group fill
 // an aligned part of a warp (group_channels a power of two up to 32) and with atomics
-// otherwise.
+// otherwise. With softmax=True the mask holds logits: the forward normalises them per
+// thread, the backward kernel gives the gradient of the weights and ATen takes it through
+// the softmax.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -32,7 +34,26 @@ struct Params {
   int height_in, width_in, height_out, width_out;
   float offset_scale;
   bool remove_center;
+  bool softmax;  // the mask holds logits, normalised over the P points of each group
 };
+
+// Largest logit and the softmax denominator of one (pixel, group), or (0, 1) without softmax.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void softmax_stats(const Params& p, const scalar_t* mask, acc_t& largest, acc_t& total) {
+  largest = 0;
+  total = 1;
+  if (!p.softmax) return;
+  largest = acc_t(mask[0]);
+  for (int k = 1; k < p.points; ++k) largest = max(largest, acc_t(mask[k]));
+  total = 0;
+  for (int k = 0; k < p.points; ++k) total += exp(acc_t(mask[k]) - largest);
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t sampling_weight(const Params& p, const scalar_t* mask, int k, acc_t largest,
+                                                 acc_t total) {
+  return p.softmax ? exp(acc_t(mask[k]) - largest) / total : acc_t(mask[k]);
+}
 
 // Kernel point k -> its position (i along x, j along y) on the regular grid.
 __device__ __forceinline__ void point_position(const Params& p, int k, int& i, int& j) {
@@ -96,7 +117,8 @@ __global__ void forward_kernel(const scalar_t* __restrict__ input, const scalar_
     const scalar_t* image = input + n * p.height_in * p.width_in * channels + g * p.group_channels + c;
     const scalar_t* off = offset + (pixel * p.group + g) * p.points * 2;
     const scalar_t* msk = mask + (pixel * p.group + g) * p.points;
-    acc_t acc = 0;
+    acc_t acc = 0, largest, total;
+    softmax_stats(p, msk, largest, total);
     for (int k = 0; k < p.points; ++k) {
       acc_t x, y;
       sampling_location<acc_t>(p, ho, wo, k, acc_t(off[2 * k]), acc_t(off[2 * k + 1]), x, y);
@@ -107,7 +129,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ input, const scalar_
       for (int q = 0; q < 4; ++q) {
         if (corners.pixel[q] >= 0) value += corners.weight[q] * acc_t(image[int64_t(corners.pixel[q]) * channels]);
       }
-      acc += acc_t(msk[k]) * value;
+      acc += sampling_weight(p, msk, k, largest, total) * value;
     }
     output[index] = scalar_t(acc);
   }
@@ -145,13 +167,15 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_output, const 
     const scalar_t* off = offset + (pixel * p.group + g) * p.points * 2;
     const scalar_t* msk = mask + (pixel * p.group + g) * p.points;
     const acc_t go = active ? acc_t(grad_output[safe]) : acc_t(0);
+    acc_t largest, total;
+    softmax_stats(p, msk, largest, total);
     for (int k = 0; k < p.points; ++k) {
       acc_t x, y;
       sampling_location<acc_t>(p, ho, wo, k, acc_t(off[2 * k]), acc_t(off[2 * k + 1]), x, y);
       Corners<acc_t> corners;
       const bool inside = locate(x, y, p.height_in, p.width_in, corners);  // same for the whole group
       acc_t d[4] = {0, 0, 0, 0};
-      const acc_t m = acc_t(msk[k]);
+      const acc_t m = sampling_weight(p, msk, k, largest, total);
       if (inside && active) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
@@ -189,7 +213,7 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_output, const 
 
 Params make_params(const Geometry& geo, int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
                    int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group,
-                   int64_t group_channels, double offset_scale, bool remove_center) {
+                   int64_t group_channels, double offset_scale, bool remove_center, bool softmax) {
   TORCH_CHECK(geo.height_in * geo.width_in < (int64_t(1) << 31), "dcnv3: image too large for the CUDA kernels");
   Params p;
   p.kernel_h = kernel_h, p.kernel_w = kernel_w, p.stride_h = stride_h, p.stride_w = stride_w;
@@ -199,6 +223,7 @@ Params make_params(const Geometry& geo, int64_t kernel_h, int64_t kernel_w, int6
   p.width_out = geo.width_out;
   p.offset_scale = static_cast<float>(offset_scale);
   p.remove_center = remove_center;
+  p.softmax = softmax;
   return p;
 }
 
@@ -211,7 +236,7 @@ int blocks_for(int64_t total) {
 at::Tensor dcnv3_forward_cuda(const at::Tensor& input_, const at::Tensor& offset_, const at::Tensor& mask_,
                               int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                               int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group,
-                              int64_t group_channels, double offset_scale, bool remove_center) {
+                              int64_t group_channels, double offset_scale, bool remove_center, bool softmax) {
   const Geometry geo = check_dcnv3_args(input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                         dilation_h, dilation_w, group, group_channels, remove_center);
   TORCH_CHECK(input_.is_cuda(), "dcnv3_forward_cuda: tensors must be on a CUDA device");
@@ -221,7 +246,7 @@ at::Tensor dcnv3_forward_cuda(const at::Tensor& input_, const at::Tensor& offset
   const int64_t total = output.numel();
   if (total == 0) return output;
   const Params p = make_params(geo, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-                               group, group_channels, offset_scale, remove_center);
+                               group, group_channels, offset_scale, remove_center, softmax);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnv3_forward_cuda", [&] {
     forward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
@@ -236,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cuda(
     const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& offset_, const at::Tensor& mask_,
     int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
     int64_t dilation_h, int64_t dilation_w, int64_t group, int64_t group_channels, double offset_scale,
-    bool remove_center) {
+    bool remove_center, bool softmax) {
   const Geometry geo = check_dcnv3_args(input_, offset_, mask_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                         dilation_h, dilation_w, group, group_channels, remove_center);
   TORCH_CHECK(input_.is_cuda() && grad_output_.device() == input_.device(),
@@ -256,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cuda(
   const int64_t total = grad_output.numel();
   if (total > 0) {
     const Params p = make_params(geo, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-                                 group, group_channels, offset_scale, remove_center);
+                                 group, group_channels, offset_scale, remove_center, softmax);
     const bool warp_reduce = group_channels <= 32 && (group_channels & (group_channels - 1)) == 0;
     auto stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnv3_backward_cuda", [&] {
@@ -267,6 +292,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cuda(
           grad_offset.mutable_data_ptr<acc_t>(), grad_mask.mutable_data_ptr<acc_t>(), p, total, warp_reduce);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (softmax) {  // the kernel gave d(weights); through the softmax to d(logits)
+    const auto logits = mask.to(acc_options.dtype()).view({-1, geo.points});
+    const auto weights = at::softmax(logits, -1);
+    const auto grad_weights = grad_mask.view({-1, geo.points});
+    grad_mask = (weights * (grad_weights - (weights * grad_weights).sum(-1, true))).view(mask.sizes());
   }
   return {grad_input.to(input.scalar_type()), grad_offset.to(input.scalar_type()),
           grad_mask.to(input.scalar_type())};
