@@ -77,3 +77,4 @@ class InternImageLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
         print_log(f"Layer-wise lr decay: {len(groups)} parameter groups, L={total}, rate={rate}, "
                   f"lr from {self.base_lr * rate ** (total - 1):.3g} (stem) to {self.base_lr:.3g} (heads)",
                   logger="current")
+

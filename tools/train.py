@@ -38,10 +38,11 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = apply_common_args(Config.fromfile(args.config), args)
     if args.amp:
+        if not torch.cuda.is_available():
+            raise SystemExit("--amp needs a GPU: mmengine's AmpOptimWrapper supports accelerators only, and mmcv's "
+                             "CPU ops (nms, RoIAlign) have no bfloat16 kernels; train in float32 on CPU")
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
-        if not torch.cuda.is_available():
-            cfg.optim_wrapper.setdefault("dtype", "bfloat16")  # CPU autocast runs in bfloat16
     if args.auto_scale_lr:
         cfg.setdefault("auto_scale_lr", {})["enable"] = True
     if args.resume == "auto":
