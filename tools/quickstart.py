@@ -114,8 +114,9 @@ def main():
     print(f"[quickstart] training Mask R-CNN + InternImage (mini) on CPU; logs and outputs in {cfg.work_dir}")
     runner = Runner.from_cfg(cfg)
     runner.train()
-    metrics = runner.val_loop.run()
-    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics = {k: float(v) for k, v in runner.val_loop.run().items()}
+    for key in ("coco/bbox_mAP", "coco/segm_mAP"):
+        metrics.setdefault(key, 0.0)  # mmdet reports nothing when there is no detection at all
 
     os.makedirs(cfg.work_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.work_dir, "metrics.json")
