@@ -75,3 +75,12 @@ def _slurm_environment():
     if "MASTER_ADDR" not in os.environ:
         nodes = subprocess.check_output(["scontrol", "show", "hostname", os.environ["SLURM_NODELIST"]], text=True)
         os.environ["MASTER_ADDR"] = nodes.split()[0]
+
+
+def teardown_distributed():
+    """Destroy the process group before the interpreter exits: a gloo group left alive
+    can abort a rank at exit ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

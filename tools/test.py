@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import internimage  # noqa: E402,F401
-from internimage.runner_utils import DictAction, apply_common_args  # noqa: E402
+from internimage.runner_utils import DictAction, apply_common_args, teardown_distributed  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.evaluator import DumpResults  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
@@ -57,7 +57,10 @@ def main(argv=None):
         if not args.out.endswith((".pkl", ".pickle")):
             raise ValueError(f"--out must be a .pkl file, got {args.out}")
         runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
-    return runner.test()
+    try:
+        return runner.test()
+    finally:
+        teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import internimage  # noqa: E402,F401  (registries, weights_only-safe checkpoint loading)
-from internimage.runner_utils import DictAction, apply_common_args  # noqa: E402
+from internimage.runner_utils import DictAction, apply_common_args, teardown_distributed  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
@@ -50,7 +50,10 @@ def main(argv=None):
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
     runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
-    runner.train()
+    try:
+        runner.train()
+    finally:
+        teardown_distributed()
 
 
 if __name__ == "__main__":
