@@ -12,6 +12,7 @@ from .registry import register_all
 from .variants import VARIANTS
 from . import optim  # noqa: F401  (registers the layer-decay optimizer constructor)
 from . import publish  # noqa: F401  (verifies hash-named checkpoints when they load)
+from . import fileio, hooks  # noqa: F401  (atomic checkpoint writes; reliability hooks)
 from .version import __version__
 
 __all__ = ["InternImage", "InternImageClassifier", "build_model", "load_backbone_weights",

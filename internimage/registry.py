@@ -17,5 +17,7 @@ def register_all():
 
 register_all()
 
+if importlib.util.find_spec("mmdet") is not None:  # COCO dataset checks
+    from . import det_datasets  # noqa: F401
 if importlib.util.find_spec("mmseg") is not None:  # ADE20K dataset checks
     from . import seg_datasets  # noqa: F401

@@ -1,6 +1,11 @@
 """Shared logic of tools/train.py and tools/test.py (kept here so tests can reach it)."""
+import glob
+import logging
 import os
+import re
 import subprocess
+import zipfile
+from typing import Optional
 
 import torch
 from mmengine.config import Config, DictAction  # noqa: F401  (re-exported for the tools)
@@ -11,6 +16,11 @@ def apply_common_args(cfg: Config, args) -> Config:
     """--cfg-options, --launcher, --work-dir (default: ./work_dirs/<config name>)."""
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
+        if any(key.split(".")[0] == "custom_imports" for key in args.cfg_options):
+            # Config.fromfile imported the file's custom_imports; import the overridden ones too.
+            from mmengine.utils import import_modules_from_strings
+
+            import_modules_from_strings(**cfg.custom_imports)
     cfg.launcher = args.launcher
     if args.work_dir:
         cfg.work_dir = args.work_dir
@@ -84,3 +94,65 @@ def teardown_distributed():
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+RELIABILITY_HOOKS = ("NonFiniteLossHook", "RandomStateHook")
+
+
+def make_training_reliable(cfg: Config) -> Config:
+    """Defaults that make a run safe to kill and to resume (for configs that lack them).
+
+    * checkpoints written to a temporary file and renamed (``local_atomic`` backend), for
+      local output folders, unless the checkpoint hook already names a backend;
+    * ``NonFiniteLossHook`` (stop on a NaN/Inf loss) and ``RandomStateHook`` (random
+      states saved in checkpoints) in ``custom_hooks`` when not there.
+    """
+    hook = cfg.get("default_hooks", {}).get("checkpoint")
+    if hook is not None and hook.get("type", "CheckpointHook") == "CheckpointHook":
+        out_dir = hook.get("out_dir") or cfg.work_dir
+        if hook.get("backend_args") is None and hook.get("file_client_args") is None and "://" not in out_dir:
+            hook["backend_args"] = dict(backend="local_atomic")
+    hooks = cfg.get("custom_hooks") or []
+    present = {h.get("type") for h in hooks}
+    added = [name for name in RELIABILITY_HOOKS if name not in present]
+    cfg.custom_hooks = list(hooks) + [dict(type=name) for name in added]
+    if added:
+        print_log(f"added {', '.join(added)} to custom_hooks", logger="current")
+    return cfg
+
+
+_CKPT_NAME = re.compile(r"^(epoch|iter)_(\d+)\.pth$")
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """torch.save writes a zip archive whose directory comes last: a truncated file has none."""
+    return os.path.isfile(path) and zipfile.is_zipfile(path)
+
+
+def find_resume_checkpoint(work_dir: str, clean: bool = True) -> Optional[str]:
+    """The checkpoint ``--resume`` continues from: the one ``last_checkpoint`` names if it is
+    complete, else the newest complete ``epoch_N.pth`` / ``iter_N.pth`` in ``work_dir``;
+    ``None`` when there is none. With ``clean``, temporary files left by a save that was
+    interrupted are removed."""
+    if clean:
+        for tmp in glob.glob(os.path.join(glob.escape(work_dir), "*.pth.tmp-*")):
+            print_log(f"removing {tmp}: left by a checkpoint save that was interrupted", logger="current")
+            os.remove(tmp)
+    pointer = os.path.join(work_dir, "last_checkpoint")
+    named = None
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            named = f.read().strip() or None
+        if named and is_complete_checkpoint(named):
+            return named
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(work_dir), "*.pth")):
+        match = _CKPT_NAME.match(os.path.basename(path))
+        if match and is_complete_checkpoint(path):
+            found.append((os.path.getmtime(path), int(match.group(2)), path))
+    latest = max(found)[2] if found else None
+    if named:
+        print_log(f"last_checkpoint names {named}, which is missing or incomplete; "
+                  f"{'using ' + latest if latest else 'no complete checkpoint found'}", logger="current",
+                  level=logging.WARNING)
+    return latest

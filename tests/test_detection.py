@@ -3,6 +3,7 @@ dist_train.sh work end to end on a tiny model and synthetic COCO data; layer dec
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from internimage.synthetic import make_coco_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "mask-rcnn_internimage-tiny_shapes.py"
+TINY_CASCADE = REPO / "tests" / "configs" / "cascade-mask-rcnn_internimage-tiny_shapes.py"
 
 # config -> (channels, drop_path, layer_scale, offset_scale, post_norm, lr, num_layers, decay, epochs)
 RECIPES = {
@@ -113,11 +115,19 @@ def shapes_coco(tmp_path_factory):
     return str(root) + "/"
 
 
-def run_tool(args, data_root, timeout=600):
-    env = dict(os.environ, INTERNIMAGE_SHAPES_COCO=data_root, PYTHONPATH=str(REPO))
-    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
+def tool_env(data_root):
+    return dict(os.environ, INTERNIMAGE_SHAPES_COCO=data_root, PYTHONUNBUFFERED="1",
+                PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests" / "helpers")]))
+
+
+def run_tool(args, data_root, timeout=600, expect_ok=True):
+    result = subprocess.run(args, cwd=REPO, env=tool_env(data_root), capture_output=True, text=True,
+                            timeout=timeout)
+    log = result.stdout + result.stderr
+    if expect_ok:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return log
+    return result.returncode, log
 
 
 def last_metrics(work_dir):
@@ -176,6 +186,9 @@ def test_dist_train_two_processes_on_cpu(shapes_coco, tmp_path):
     # 8 images, 2 per process, 2 processes: 2 iterations per epoch.
     assert "Epoch(train) [1][2/2]" in log
     assert (work_dir / "epoch_1.pth").exists()
+    # ParamSyncCheckHook (in the tiny config) hashed every parameter on both ranks after
+    # training and found them bit-identical (it raises otherwise).
+    assert "parameters identical on all 2 ranks after training" in log, log[-3000:]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
@@ -183,3 +196,218 @@ def test_amp_without_gpu_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "tools/train.py", str(TINY), "--work-dir", str(tmp_path), "--amp"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "--amp needs a GPU" in result.stderr
+
+
+def test_cascade_train_evaluate_and_test(shapes_coco, tmp_path):
+    work_dir = tmp_path / "cascade"
+    log = run_tool([sys.executable, "tools/train.py", str(TINY_CASCADE), "--work-dir", str(work_dir)], shapes_coco)
+    assert "Epoch(train) [1][4/4]" in log and "s2.loss_cls" in log and "s2.loss_bbox" in log
+    trained = last_metrics(work_dir)
+    log = run_tool([sys.executable, "tools/test.py", str(TINY_CASCADE), str(work_dir / "epoch_1.pth"),
+                    "--work-dir", str(tmp_path / "test")], shapes_coco)
+    tested = last_metrics_from_log(log)
+    for key in ("coco/bbox_mAP", "coco/segm_mAP"):
+        assert tested[key] == pytest.approx(trained[key], abs=1e-3), key
+
+
+# 3 epochs of 4 iterations, no validation (validation draws random numbers, which a run
+# resumed from the checkpoint written before it would not).
+LONG = ["--cfg-options", "train_cfg.max_epochs=3", "train_cfg.val_interval=100"]
+
+
+def train_cmd(work_dir, *extra):
+    return [sys.executable, "tools/train.py", str(TINY), "--work-dir", str(work_dir), *extra]
+
+
+def assert_same_training_state(path_a, path_b):
+    a, b = torch.load(path_a, map_location="cpu"), torch.load(path_b, map_location="cpu")
+    assert (a["meta"]["epoch"], a["meta"]["iter"]) == (b["meta"]["epoch"], b["meta"]["iter"])
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert state_a.keys() == state_b.keys() and len(state_a) > 0
+    for index in state_a:
+        for name, value in state_a[index].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(state_b[index][name])), (index, name)
+    assert a["param_schedulers"] == b["param_schedulers"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shapes_coco, tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp("uninterrupted")
+    run_tool(train_cmd(work_dir, *LONG), shapes_coco)
+    return work_dir
+
+
+def test_sigkill_mid_training_then_resume_continues_exactly(shapes_coco, uninterrupted, tmp_path):
+    work_dir = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(work_dir, *LONG), cwd=REPO, env=tool_env(shapes_coco),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "Epoch(train) [2][2/4]" in line:  # half-way through epoch 2
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-50:])
+    assert (work_dir / "epoch_1.pth").exists() and not (work_dir / "epoch_2.pth").exists()
+
+    log = run_tool(train_cmd(work_dir, "--resume", *LONG), shapes_coco)
+    assert "resumed epoch: 1, iter: 4" in log and "restored the random states" in log, log[-3000:]
+    assert "Epoch(train) [1]" not in log and "Epoch(train) [3][4/4]" in log
+    # Same weights, optimizer moments, step counts and schedulers as the run never killed.
+    assert_same_training_state(uninterrupted / "epoch_3.pth", work_dir / "epoch_3.pth")
+
+
+def test_kill_during_checkpoint_save_never_leaves_a_checkpoint_to_resume_from(shapes_coco, uninterrupted, tmp_path):
+    work_dir = tmp_path / "crashed"
+    code, log = run_tool(train_cmd(work_dir, *LONG, "default_hooks.checkpoint.backend_args.backend=crash_on_second_save",
+                                   "custom_imports.imports=[internimage,crash_backend]"),
+                         shapes_coco, expect_ok=False)
+    assert code == -signal.SIGKILL, log[-3000:]
+    names = sorted(p.name for p in work_dir.iterdir() if ".pth" in p.name)
+    assert names[0] == "epoch_1.pth" and len(names) == 2 and names[1].startswith("epoch_2.pth.tmp-"), names
+    assert (work_dir / "last_checkpoint").read_text().strip().endswith("epoch_1.pth")
+
+    log = run_tool(train_cmd(work_dir, "--resume", *LONG), shapes_coco)
+    assert "left by a checkpoint save that was interrupted" in log and "resumed epoch: 1, iter: 4" in log
+    assert not list(work_dir.glob("*.tmp-*"))
+    assert_same_training_state(uninterrupted / "epoch_3.pth", work_dir / "epoch_3.pth")
+
+
+def test_non_finite_loss_stops_training_naming_iteration_and_terms(shapes_coco, tmp_path):
+    work_dir = tmp_path / "nan"
+    # An absurd learning rate: the first update sends the weights to infinity.
+    code, log = run_tool(train_cmd(work_dir, "--cfg-options", "optim_wrapper.optimizer.lr=1e30"), shapes_coco,
+                         expect_ok=False)
+    assert code != 0
+    match = re.search(r"FloatingPointError: non-finite loss at iteration (\d+) \(epoch 1, batch \d+/4\): (.*)", log)
+    assert match, log[-3000:]
+    assert int(match.group(1)) >= 2 and "loss_rpn_cls=" in match.group(2) and "loss_mask=" in match.group(2)
+    assert not list(work_dir.glob("epoch_*.pth*"))
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_detection_config_dataloaders_build_and_load(name, shapes_coco):
+    """The real configs' train/val/test dataloaders (pipelines, samplers, collate) and
+    evaluator, pointed at the synthetic COCO data, yield batches of the recipe's sizes."""
+    import mmdet.evaluation  # noqa: F401  (registers CocoMetric)
+    from mmdet.registry import METRICS
+    from mmengine.runner import Runner
+
+    cfg = Config.fromfile(str(REPO / "configs" / name))
+    init_default_scope("mmdet")
+    shapes = dict(classes=("circle", "square", "triangle"))
+    for key, split in (("train_dataloader", "train"), ("val_dataloader", "val"), ("test_dataloader", "val")):
+        loader_cfg = cfg[key]
+        assert loader_cfg.dataset.type == "CheckedCocoDataset"
+        loader_cfg.num_workers, loader_cfg.persistent_workers = 0, False
+        loader_cfg.dataset.update(data_root=shapes_coco, metainfo=shapes,
+                                  ann_file=f"annotations/instances_{split}.json", data_prefix=dict(img=f"{split}/"))
+        batch = next(iter(Runner.build_dataloader(loader_cfg, seed=0)))
+        assert len(batch["inputs"]) == loader_cfg.batch_size
+        sample = batch["data_samples"][0]
+        height, width = batch["inputs"][0].shape[-2:]
+        if split == "train":
+            assert len(sample.gt_instances) > 0 and sample.gt_instances.masks.height == height
+            assert 384 <= min(height, width) <= 800 and max(height, width) <= 1333, (height, width)
+        else:
+            assert (height, width) == (800, 800)  # 64x64 images, 1333x800 keep-ratio resize
+    evaluator = cfg.val_evaluator
+    evaluator.ann_file = shapes_coco + "annotations/instances_val.json"
+    assert set(METRICS.build(evaluator).metrics) == {"bbox", "segm"}
+
+
+@pytest.fixture
+def broken_coco(shapes_coco, tmp_path):
+    import shutil
+
+    root = tmp_path / "coco"
+    shutil.copytree(shapes_coco, root)
+    return root
+
+
+def build_checked_coco(root, ann_file="annotations/instances_train.json"):
+    from mmdet.registry import DATASETS
+
+    init_default_scope("mmdet")
+    return DATASETS.build(dict(type="CheckedCocoDataset", data_root=str(root), ann_file=ann_file,
+                               data_prefix=dict(img="train/"), metainfo=dict(classes=("circle", "square", "triangle")),
+                               pipeline=[]))
+
+
+def test_checked_coco_loads_valid_data(broken_coco):
+    dataset = build_checked_coco(broken_coco)
+    assert len(dataset) == 8 and all(os.path.isfile(info["img_path"]) for info in dataset.data_list)
+
+
+def test_missing_annotation_file_is_named(broken_coco):
+    with pytest.raises(FileNotFoundError, match=r"annotation file not found: .*annotations/instances_tran\.json"):
+        build_checked_coco(broken_coco, ann_file="annotations/instances_tran.json")
+
+
+def test_missing_image_is_named(broken_coco):
+    os.remove(broken_coco / "train" / "000003.png")
+    with pytest.raises(FileNotFoundError, match=r"1 image\(s\) listed in .*instances_train\.json not found: "
+                                                r".*train/000003\.png"):
+        build_checked_coco(broken_coco)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("image_id", 999, r"annotation id 2 refers to image id 999, which is not in the file's 'images'"),
+    ("category_id", 7, r"annotation id 2 has category_id 7, which is not in the file's 'categories'"),
+])
+def test_annotation_with_unknown_id_is_named(broken_coco, field, value, message):
+    path = broken_coco / "annotations" / "instances_train.json"
+    coco = json.loads(path.read_text())
+    coco["annotations"][1][field] = value
+    path.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match=r"instances_train\.json: " + message):
+        build_checked_coco(broken_coco)
+
+
+def test_layer_decay_learning_rates_post_norm_variant():
+    """The InternImage-L Cascade 3x config (post-norm, layer scale, 37 layers, rate 0.9),
+    real size on the meta device: learning rates and weight decay of named parameters."""
+    from mmengine.optim import build_optim_wrapper
+    from mmdet.registry import MODELS
+
+    cfg = Config.fromfile(str(REPO / "configs/cascade_mask_rcnn/cascade-mask-rcnn_internimage-l_fpn_3x_coco.py"))
+    init_default_scope("mmdet")
+    use_cpu_sync_bn_free_norms(cfg)
+    cfg.model.backbone.init_cfg = None
+    with torch.device("meta"):
+        model = MODELS.build(cfg.model)
+    assert model.backbone.post_norm
+    wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    lr_of, wd_of = {}, {}
+    for group in wrapper.optimizer.param_groups:
+        for name in group["param_names"]:
+            lr_of[name], wd_of[name] = group["lr"], group["weight_decay"]
+    total, rate, base_lr = 37 + 2, 0.9, 2e-4  # depths [5, 5, 22, 5]
+    expected_ids = {
+        "backbone.patch_embed.conv1.weight": 0,
+        "backbone.levels.0.blocks.0.dcn.offset.weight": 1,
+        "backbone.levels.0.blocks.4.norm2.0.weight": 5,  # post-norm: the norm after the MLP
+        "backbone.levels.0.downsample.conv.weight": 6,
+        "backbone.levels.1.blocks.0.gamma1": 6,
+        "backbone.levels.2.blocks.21.mlp.fc2.weight": 32,
+        "backbone.levels.2.downsample.norm.1.weight": 33,
+        "backbone.levels.3.blocks.4.dcn.output_proj.weight": 37,
+        "neck.fpn_convs.3.conv.weight": 38,
+        "roi_head.bbox_head.2.fc_cls.weight": 38,
+    }
+    for name, lid in expected_ids.items():
+        assert layer_id(name, total, [5, 5, 22, 5]) == lid, name
+        assert lr_of[name] == pytest.approx(base_lr * rate ** (total - 1 - lid), rel=1e-12), name
+    for name in ("backbone.levels.0.blocks.4.norm2.0.weight", "backbone.levels.1.blocks.0.gamma1",
+                 "backbone.levels.2.downsample.norm.1.weight", "backbone.levels.3.blocks.4.dcn.output_proj.bias"):
+        assert wd_of[name] == 0.0, name
+    for name in ("backbone.levels.2.blocks.21.mlp.fc2.weight", "roi_head.bbox_head.2.fc_cls.weight"):
+        assert wd_of[name] == 0.05, name
+    assert lr_of["backbone.patch_embed.conv1.weight"] == pytest.approx(2e-4 * 0.9 ** 38)

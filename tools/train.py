@@ -12,7 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import internimage  # noqa: E402,F401  (registries, weights_only-safe checkpoint loading)
-from internimage.runner_utils import DictAction, apply_common_args, teardown_distributed  # noqa: E402
+from internimage.runner_utils import (DictAction, apply_common_args, find_resume_checkpoint,  # noqa: E402
+                                      make_training_reliable, teardown_distributed)
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
@@ -45,8 +46,15 @@ def main(argv=None):
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
     if args.auto_scale_lr:
         cfg.setdefault("auto_scale_lr", {})["enable"] = True
+    make_training_reliable(cfg)
     if args.resume == "auto":
-        cfg.resume, cfg.load_from = True, None
+        # The newest *complete* checkpoint of the work dir (mmengine would take whatever
+        # last_checkpoint names); only rank 0 removes files left by an interrupted save.
+        latest = find_resume_checkpoint(cfg.work_dir, clean=os.environ.get("RANK", "0") == "0") \
+            if os.path.isdir(cfg.work_dir) else None
+        if latest is None:
+            print(f"--resume: no complete checkpoint in {cfg.work_dir}; training from the start", flush=True)
+        cfg.resume, cfg.load_from = latest is not None, latest
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
     runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)

@@ -79,5 +79,7 @@ param_scheduler = [
     dict(type='PolyLR', power=1.0, eta_min=0.0, by_epoch=False, begin=1500, end=160000),
 ]
 auto_scale_lr = dict(enable=False, base_batch_size=16)
+# Atomic checkpoint writes, stop on a NaN/Inf loss, random states kept for exact resume.
 default_hooks = dict(checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=16000, max_keep_ckpts=3,
-                                     save_best='mIoU', rule='greater'))
+                                     save_best='mIoU', rule='greater', backend_args=dict(backend='local_atomic')))
+custom_hooks = [dict(type='NonFiniteLossHook'), dict(type='RandomStateHook')]

@@ -55,7 +55,16 @@ optim_wrapper = dict(
     optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
     constructor='InternImageLayerDecayOptimizerConstructor',
     paramwise_cfg=dict(num_layers=37, layer_decay_rate=0.94))
-train_dataloader = dict(batch_size=2, num_workers=2)
+# CheckedCocoDataset: CocoDataset that names a missing annotation file, missing images and
+# annotations referring to unknown image or category ids when it is built.
+train_dataloader = dict(batch_size=2, num_workers=2, dataset=dict(type='CheckedCocoDataset'))
+val_dataloader = dict(dataset=dict(type='CheckedCocoDataset'))
+test_dataloader = dict(dataset=dict(type='CheckedCocoDataset'))
 auto_scale_lr = dict(enable=True, base_batch_size=16)
+# Checkpoints are written to a temporary file and renamed (a killed run never leaves a
+# truncated checkpoint under a checkpoint's name); a NaN/Inf loss stops training with the
+# iteration and loss terms named; random states are saved so --resume continues exactly.
 default_hooks = dict(
-    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=3, save_best='coco/bbox_mAP', rule='greater'))
+    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=3, save_best='coco/bbox_mAP', rule='greater',
+                    backend_args=dict(backend='local_atomic')))
+custom_hooks = [dict(type='NonFiniteLossHook'), dict(type='RandomStateHook')]
