@@ -220,3 +220,47 @@ def test_backbone_traces_with_torch_compile_fullgraph():
     with torch.no_grad():
         for got, want in zip(compiled(x), backbone(x)):
             torch.testing.assert_close(got, want)
+
+
+def _saved_bytes(fn):
+    """Bytes autograd keeps for backward while ``fn`` runs (distinct storages)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_memory_saving_mlp_same_results_less_saved():
+    """The training MLP recomputes its GELU instead of storing it: identical forward, the
+    same gradients (float64), and about hidden-size values per pixel fewer saved."""
+    from internimage.models.backbone import MLPLayer
+
+    torch.manual_seed(0)
+    mlp = MLPLayer(16, 64).double()
+    x = torch.randn(2, 5, 7, 16, dtype=torch.float64, requires_grad=True)
+    results = {}
+    for fused in (True, False):
+        mlp.zero_grad()
+        x.grad = None
+        MLPLayer._saves_memory, original = (lambda self, x: fused), MLPLayer._saves_memory
+        try:
+            out, saved = _saved_bytes(lambda: mlp(x))
+        finally:
+            MLPLayer._saves_memory = original
+        out.sin().sum().backward()
+        results[fused] = (out.detach(), saved, x.grad.clone(), {n: p.grad.clone() for n, p in mlp.named_parameters()})
+    assert torch.equal(results[True][0], results[False][0])
+    torch.testing.assert_close(results[True][2], results[False][2], rtol=1e-12, atol=1e-12)
+    for name in results[False][3]:
+        torch.testing.assert_close(results[True][3][name], results[False][3][name], rtol=1e-12, atol=1e-12)
+    assert results[False][1] - results[True][1] == 2 * 5 * 7 * 64 * 8  # the GELU output, float64
+    assert torch.autograd.gradcheck(lambda t: mlp(t), (x.detach().requires_grad_(),))
+    # inference, dropout and autocast take the plain path
+    assert mlp._saves_memory(x) and not MLPLayer(16, 64, drop=0.1)._saves_memory(x)
+    with torch.no_grad():
+        assert not mlp._saves_memory(x)

@@ -15,6 +15,8 @@ from torch import nn
 import ops_dcnv3
 from ops_dcnv3.modules import build_act_layer, build_norm_layer
 
+from .memory import gelu_mlp
+
 CORE_OPS = {"DCNv3": ops_dcnv3.DCNv3, "DCNv3_pytorch": ops_dcnv3.DCNv3_pytorch}
 
 
@@ -54,7 +56,16 @@ class MLPLayer(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
+        if self._saves_memory(x):
+            return gelu_mlp(x, self.fc1, self.fc2, self.act.approximate)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+    def _saves_memory(self, x):
+        """Training without dropout or autocast: recompute the GELU in backward instead of
+        storing its output (see :mod:`internimage.models.memory`)."""
+        return (torch.is_grad_enabled() and isinstance(self.act, nn.GELU) and self.drop.p == 0.0
+                and not torch.is_autocast_enabled(x.device.type)
+                and (x.requires_grad or self.fc1.weight.requires_grad or self.fc2.weight.requires_grad))
 
 
 class InternImageLayer(nn.Module):
