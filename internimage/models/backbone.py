@@ -289,23 +289,17 @@ class InternImage(BaseModule):
         self._freeze_stages()
         return self
 
-    def forward_stages(self, x):
-        """All stage outputs before downsampling, NHWC."""
+    def forward_stages(self, x, last: Optional[int] = None):
+        """Stage outputs before downsampling, NHWC, for stages 0..``last`` (default: all)."""
+        last = len(self.levels) - 1 if last is None else last
         x = self.pos_drop(self.patch_embed(x))
         outs = []
-        for level in self.levels:
+        for level in self.levels[:last + 1]:
             x, features = level(x, return_wo_downsample=True)
             outs.append(features)
         return outs
 
     def forward(self, x):
         """x: (N, 3, H, W) -> list of (N, C_i, H_i, W_i) for the stages in ``out_indices``."""
-        x = self.pos_drop(self.patch_embed(x))
-        outs = []
-        for i, level in enumerate(self.levels):
-            if i > max(self.out_indices):
-                break
-            x, features = level(x, return_wo_downsample=True)
-            if i in self.out_indices:
-                outs.append(features.permute(0, 3, 1, 2).contiguous())
-        return outs
+        stages = self.forward_stages(x, last=max(self.out_indices))
+        return [out.permute(0, 3, 1, 2).contiguous() for i, out in enumerate(stages) if i in self.out_indices]
