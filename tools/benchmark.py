@@ -4,7 +4,10 @@ the same InternImage-T on the pure-PyTorch reference DCNv3 core (the official CP
 Times are medians after warm-up, in one process with a fixed thread count; peak memory
 is the growth of peak RSS in a fresh subprocess running one more step after warm-up.
 
-    python tools/benchmark.py [--threads N] [--repeats R] [--no-memory] [--json OUT]
+    python tools/benchmark.py [--threads N] [--repeats R] [--no-memory] [--bf16] [--json OUT]
+
+``--bf16`` adds inference under ``torch.autocast("cpu", torch.bfloat16)`` (informational;
+worthwhile on CPUs with native bfloat16 arithmetic, e.g. AVX512-BF16 or AMX).
 """
 import argparse
 import json
@@ -19,12 +22,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MODELS = ("internimage_t", "internimage_t_reference", "convnext_tiny", "swin_tiny")
-# (name, batch, H, W, mode); mode: inference | train | backbone
+# (name, batch, H, W, mode); mode: inference | train | backbone | bf16 (autocast inference)
 CASES = [
     ("cls 224 b1 inference", 1, 224, 224, "inference"),
     ("cls 224 b8 inference", 8, 224, 224, "inference"),
     ("cls 224 b8 train step", 8, 224, 224, "train"),
     ("det backbone 800x1333 b1", 1, 800, 1333, "backbone"),
+]
+BF16_CASES = [
+    ("cls 224 b1 bf16 autocast", 1, 224, 224, "bf16"),
+    ("cls 224 b8 bf16 autocast", 8, 224, 224, "bf16"),
 ]
 
 
@@ -62,7 +69,7 @@ def make_step(model, mode, batch, height, width):
     model.eval()
 
     def step():
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
             model(images)
     return step
 
@@ -86,14 +93,14 @@ def time_case(name, case, repeats):
 _MEMORY_PROBE = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from tools.benchmark import CASES, build, make_step
+from tools.benchmark import BF16_CASES, CASES, build, make_step
 
 def status(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field))
 
 torch.set_num_threads({threads})
-case = CASES[{case}]
+case = (CASES + BF16_CASES)[{case}]
 step = make_step(build({name!r}, case[4]), case[4], *case[1:4])
 step()
 with open("/proc/self/clear_refs", "w") as f:
@@ -117,6 +124,7 @@ def main():
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="also time inference under bfloat16 autocast")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -124,7 +132,9 @@ def main():
     print(f"torch {torch.__version__}, threads: {torch.get_num_threads()}, median of {args.repeats} after warm-up")
 
     results = {}
-    for index, case in enumerate(CASES):
+    for index, case in enumerate(CASES + BF16_CASES):
+        if case[4] == "bf16" and not args.bf16:
+            continue
         for name in MODELS:
             seconds = time_case(name, case, args.repeats)
             if seconds is None:

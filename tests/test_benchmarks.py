@@ -1,0 +1,33 @@
+"""The benchmark scripts' code paths on tiny inputs (the real runs take minutes)."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tools import benchmark, benchmark_dcnv3  # noqa: E402
+
+
+@pytest.mark.parametrize("mode", ["inference", "train", "backbone", "bf16"])
+def test_benchmark_steps_run(mode):
+    model = benchmark.build("internimage_t", mode)
+    benchmark.make_step(model, mode, 2, 64, 64)()
+    if mode == "train":  # the step updated the weights
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_benchmark_dcnv3_cpu_timing_and_work():
+    for impl in benchmark_dcnv3.IMPLS.values():
+        for mode in ("forward", "forward+backward"):
+            assert benchmark_dcnv3.time_op(impl, mode, 7, 64, 4, repeats=1) > 0
+    moved, macs = benchmark_dcnv3.forward_work(56, 128, 4, batch=64)
+    assert moved == 4 * 64 * 56 * 56 * (2 * 128 + 4 * 9 * 3) and macs == 64 * 56 * 56 * 9 * 128 * 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_benchmark_dcnv3_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        benchmark_dcnv3.cuda_main(type("Args", (), {"repeats": 1, "json": None})())
