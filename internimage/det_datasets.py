@@ -9,7 +9,11 @@ drop data:
   under that id and mmdet never reads it: the object is lost without a word), or to a
   category the file does not list (a ``KeyError`` in mmdet);
 * an image file is missing (``CocoDataset``: the first time the loader reaches it, possibly
-  hours into training). Checked for local paths only.
+  hours into training).
+
+File checks apply to local files read without ``backend_args`` (a storage backend may map
+local-looking paths elsewhere); ``check_files=False`` turns them off, e.g. for very large
+datasets on slow network file systems.
 """
 import os
 
@@ -41,8 +45,15 @@ def _is_local(path: str) -> bool:
 class CheckedCocoDataset(CocoDataset):
     COCOAPI = _CheckedCOCO
 
+    def __init__(self, *args, check_files: bool = True, **kwargs):
+        self.check_files = check_files
+        super().__init__(*args, **kwargs)
+
+    def _checks_file(self, path) -> bool:
+        return self.check_files and self.backend_args is None and _is_local(path)
+
     def load_data_list(self):
-        if _is_local(self.ann_file) and not os.path.isfile(self.ann_file):
+        if self._checks_file(self.ann_file) and not os.path.isfile(self.ann_file):
             raise FileNotFoundError(f"COCO annotation file not found: {self.ann_file} "
                                     f"(data_root={self.data_root!r}, ann_file is taken relative to it)")
         try:
@@ -50,7 +61,7 @@ class CheckedCocoDataset(CocoDataset):
         except ValueError as error:
             raise ValueError(f"{self.ann_file}: {error}") from error
         missing = [info["img_path"] for info in data_list
-                   if _is_local(info["img_path"]) and not os.path.isfile(info["img_path"])]
+                   if self._checks_file(info["img_path"]) and not os.path.isfile(info["img_path"])]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise FileNotFoundError(f"{len(missing)} image(s) listed in {self.ann_file} not found: {shown} "

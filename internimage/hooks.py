@@ -5,7 +5,8 @@ so mmdet and mmseg configs find them).
   infinite, naming the iteration and every loss term, on all ranks at once.
 * ``RandomStateHook``: stores the Python, NumPy and torch random states in each checkpoint
   and restores them on resume, so a resumed run draws the same augmentations and samples
-  as an uninterrupted one.
+  as an uninterrupted one (exactly so for one process; with several, every rank gets
+  rank 0's states, as at the start when all ranks share the seed).
 * ``ParamSyncCheckHook``: checks at the end of training (and every ``interval`` epochs)
   that the model parameters are bit-identical on all ranks, and fails otherwise.
 """
@@ -34,35 +35,57 @@ class NonFiniteLossHook(Hook):
     """Raise ``FloatingPointError`` when a loss term is NaN or infinite.
 
     Runs before the checkpoint and logger hooks, so no checkpoint with non-finite weights
-    is written. In distributed runs the verdict is all-reduced: every rank stops at the
-    same iteration instead of the others waiting for it in the next all-reduce.
+    is written (with ``interval`` > 1, iterations in between are not checked). In
+    distributed runs the verdict is all-reduced: every rank stops at the same iteration
+    instead of the others waiting for it in the next all-reduce.
+
+    Args:
+        interval: check every ``interval`` iterations.
+        patience: non-finite iterations in a row tolerated before stopping. Default: 0, or
+            20 with mixed precision (``AmpOptimWrapper``), whose dynamic loss scaling skips
+            the steps of iterations that overflowed and so recovers from a few of them.
     """
 
     priority = "ABOVE_NORMAL"
 
-    def __init__(self, interval: int = 1):
+    def __init__(self, interval: int = 1, patience: Optional[int] = None):
         self.interval = interval
+        self.patience = patience
+        self._bad_in_a_row = 0
+
+    def _patience(self, runner) -> int:
+        if self.patience is not None:
+            return self.patience
+        from mmengine.optim import AmpOptimWrapper
+
+        return 20 if isinstance(getattr(runner, "optim_wrapper", None), AmpOptimWrapper) else 0
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        if not outputs or not self.every_n_train_iters(runner, self.interval):
+        if not self.every_n_train_iters(runner, self.interval):
             return
-        values = {name: _as_float(value) for name, value in outputs.items()}
+        values = {name: _as_float(value) for name, value in (outputs or {}).items()}
         values = {name: value for name, value in values.items() if value is not None}
         bad = [name for name, value in values.items() if not math.isfinite(value)]
         flag = torch.tensor([1.0 if bad else 0.0])
-        if dist.get_world_size() > 1:
+        if dist.get_world_size() > 1:  # every rank takes part, with or without outputs
             dist.all_reduce(flag)
         if flag.item() == 0:
+            self._bad_in_a_row = 0
             return
+        self._bad_in_a_row += 1
         iters = len(runner.train_dataloader) if hasattr(runner.train_dataloader, "__len__") else "?"
         where = f"iteration {runner.iter + 1} (epoch {runner.epoch + 1}, batch {batch_idx + 1}/{iters})"
         if bad:
             terms = ", ".join(f"{name}={value:.6g}" for name, value in values.items())
-            message = (f"non-finite loss at {where}: {', '.join(bad)} not finite; all terms: {terms}. "
-                       "Training stopped before saving; lower the learning rate or add gradient clipping "
-                       "(optim_wrapper.clip_grad), then continue from the last checkpoint with --resume")
+            message = f"non-finite loss at {where}: {', '.join(bad)} not finite; all terms: {terms}"
         else:
-            message = f"non-finite loss on another rank at {where}; training stopped"
+            message = f"non-finite loss on another rank at {where}"
+        if self._bad_in_a_row <= self._patience(runner):
+            runner.logger.warning(f"{message} ({self._bad_in_a_row} in a row; tolerated up to "
+                                  f"{self._patience(runner)} with mixed precision)")
+            return
+        message += (". Training stopped before saving; lower the learning rate or add gradient clipping "
+                    "(optim_wrapper.clip_grad), then continue from the last checkpoint with --resume")
         runner.logger.error(message)
         raise FloatingPointError(message)
 
@@ -88,14 +111,25 @@ class RandomStateHook(Hook):
         checkpoint["rng_state"] = state
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        # Only when resuming: a checkpoint loaded for fine-tuning or testing keeps the seed.
-        state = checkpoint.get("rng_state")
-        if state is None or not runner._resume:
+        # Only when resuming (a checkpoint loaded for fine-tuning or testing keeps the seed).
+        # Applied in before_train: Runner.resume re-seeds after loading when the run's seed
+        # differs from the checkpoint's (always, when the config leaves the seed random).
+        self._pending = checkpoint.get("rng_state") if getattr(runner, "_resume", False) else None
+
+    def before_train(self, runner) -> None:
+        state, self._pending = getattr(self, "_pending", None), None
+        if state is None:
+            return
+        world = dist.get_world_size()
+        if world > 1 and (getattr(runner, "_randomness_cfg", None) or {}).get("diff_rank_seed"):
+            runner.logger.info("random states not restored: ranks draw different numbers (diff_rank_seed) and "
+                               "checkpoints hold rank 0's")
             return
         random.setstate(_to_tuple(state["python"]))
         np.random.set_state(_to_tuple(state["numpy"]))
         torch.set_rng_state(state["torch"].cpu())
-        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        if world == 1 and "cuda" in state and torch.cuda.is_available() \
+                and len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
         runner.logger.info("restored the random states saved with the checkpoint")
 
@@ -108,13 +142,16 @@ def _to_tuple(value):
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of every parameter and buffer (names, dtypes and bytes), in order."""
+    """SHA-256 of every parameter (names, dtypes, shapes and bytes), in order.
+
+    Buffers are left out: with ``broadcast_buffers=False`` (mmengine's default wrapper)
+    BatchNorm running statistics legitimately differ across ranks."""
     digest = hashlib.sha256()
     module = getattr(model, "module", model)
-    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+    for name, tensor in module.named_parameters():
         data = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

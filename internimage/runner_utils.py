@@ -1,4 +1,5 @@
 """Shared logic of tools/train.py and tools/test.py (kept here so tests can reach it)."""
+import contextlib
 import glob
 import logging
 import os
@@ -99,6 +100,11 @@ def teardown_distributed():
 RELIABILITY_HOOKS = ("NonFiniteLossHook", "RandomStateHook")
 
 
+def _type_name(hook_type) -> str:
+    name = hook_type if isinstance(hook_type, str) else getattr(hook_type, "__name__", str(hook_type))
+    return name.rsplit(".", 1)[-1]  # 'mmdet.NonFiniteLossHook' -> 'NonFiniteLossHook'
+
+
 def make_training_reliable(cfg: Config) -> Config:
     """Defaults that make a run safe to kill and to resume (for configs that lack them).
 
@@ -108,17 +114,25 @@ def make_training_reliable(cfg: Config) -> Config:
       states saved in checkpoints) in ``custom_hooks`` when not there.
     """
     hook = cfg.get("default_hooks", {}).get("checkpoint")
-    if hook is not None and hook.get("type", "CheckpointHook") == "CheckpointHook":
+    if hook is not None and _type_name(hook.get("type", "CheckpointHook")) == "CheckpointHook":
         out_dir = hook.get("out_dir") or cfg.work_dir
         if hook.get("backend_args") is None and hook.get("file_client_args") is None and "://" not in out_dir:
             hook["backend_args"] = dict(backend="local_atomic")
     hooks = cfg.get("custom_hooks") or []
-    present = {h.get("type") for h in hooks}
+    present = {_type_name(h.get("type")) for h in hooks}
     added = [name for name in RELIABILITY_HOOKS if name not in present]
     cfg.custom_hooks = list(hooks) + [dict(type=name) for name in added]
     if added:
         print_log(f"added {', '.join(added)} to custom_hooks", logger="current")
     return cfg
+
+
+def launch_rank() -> int:
+    """This process's global rank as the launcher gives it, before mmengine sets RANK."""
+    for variable in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if variable in os.environ:
+            return int(os.environ[variable])
+    return 0
 
 
 _CKPT_NAME = re.compile(r"^(epoch|iter)_(\d+)\.pth$")
@@ -131,25 +145,36 @@ def is_complete_checkpoint(path: str) -> bool:
 
 def find_resume_checkpoint(work_dir: str, clean: bool = True) -> Optional[str]:
     """The checkpoint ``--resume`` continues from: the one ``last_checkpoint`` names if it is
-    complete, else the newest complete ``epoch_N.pth`` / ``iter_N.pth`` in ``work_dir``;
-    ``None`` when there is none. With ``clean``, temporary files left by a save that was
-    interrupted are removed."""
-    if clean:
-        for tmp in glob.glob(os.path.join(glob.escape(work_dir), "*.pth.tmp-*")):
-            print_log(f"removing {tmp}: left by a checkpoint save that was interrupted", logger="current")
-            os.remove(tmp)
+    complete; else (no pointer, an empty one, or one naming a file that a non-atomic save
+    left truncated) the most recently written complete ``epoch_N.pth`` / ``iter_N.pth`` in
+    the work dir or the folder the pointer names; ``None`` when there is none.
+
+    The pointer comes first although a kill between a save and the pointer's update makes
+    it lag one checkpoint behind: a work dir can also hold stale checkpoints of an earlier
+    run, which only the pointer tells apart. With ``clean``, temporary files left by an
+    interrupted save are removed."""
     pointer = os.path.join(work_dir, "last_checkpoint")
     named = None
     if os.path.isfile(pointer):
         with open(pointer) as f:
             named = f.read().strip() or None
-        if named and is_complete_checkpoint(named):
-            return named
+    folders = {os.path.abspath(work_dir)}
+    if named:
+        folders.add(os.path.dirname(os.path.abspath(named)))
+    if clean:
+        for folder in sorted(folders):
+            for tmp in glob.glob(os.path.join(glob.escape(folder), "*.pth.tmp-*")):
+                print_log(f"removing {tmp}: left by a checkpoint save that was interrupted", logger="current")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+    if named and is_complete_checkpoint(named):
+        return named
     found = []
-    for path in glob.glob(os.path.join(glob.escape(work_dir), "*.pth")):
-        match = _CKPT_NAME.match(os.path.basename(path))
-        if match and is_complete_checkpoint(path):
-            found.append((os.path.getmtime(path), int(match.group(2)), path))
+    for folder in sorted(folders):
+        for path in glob.glob(os.path.join(glob.escape(folder), "*.pth")):
+            match = _CKPT_NAME.match(os.path.basename(path))
+            if match and is_complete_checkpoint(path):
+                found.append((os.path.getmtime(path), int(match.group(2)), path))
     latest = max(found)[2] if found else None
     if named:
         print_log(f"last_checkpoint names {named}, which is missing or incomplete; "

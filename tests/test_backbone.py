@@ -260,7 +260,13 @@ def test_memory_saving_mlp_same_results_less_saved():
         torch.testing.assert_close(results[True][3][name], results[False][3][name], rtol=1e-12, atol=1e-12)
     assert results[False][1] - results[True][1] == 2 * 5 * 7 * 64 * 8  # the GELU output, float64
     assert torch.autograd.gradcheck(lambda t: mlp(t), (x.detach().requires_grad_(),))
+    with pytest.raises(RuntimeError):  # no silent wrong second derivatives
+        (grad,) = torch.autograd.grad(mlp(x).sum(), x, create_graph=True)
+        grad.sum().backward()
     # inference, dropout and autocast take the plain path
     assert mlp._saves_memory(x) and not MLPLayer(16, 64, drop=0.1)._saves_memory(x)
+    handle = mlp.fc1.register_forward_hook(lambda *args: None)  # hooks see the plain layers
+    assert not mlp._saves_memory(x)
+    handle.remove()
     with torch.no_grad():
         assert not mlp._saves_memory(x)

@@ -332,13 +332,13 @@ def broken_coco(shapes_coco, tmp_path):
     return root
 
 
-def build_checked_coco(root, ann_file="annotations/instances_train.json"):
+def build_checked_coco(root, ann_file="annotations/instances_train.json", **kwargs):
     from mmdet.registry import DATASETS
 
     init_default_scope("mmdet")
     return DATASETS.build(dict(type="CheckedCocoDataset", data_root=str(root), ann_file=ann_file,
                                data_prefix=dict(img="train/"), metainfo=dict(classes=("circle", "square", "triangle")),
-                               pipeline=[]))
+                               pipeline=[], **kwargs))
 
 
 def test_checked_coco_loads_valid_data(broken_coco):
@@ -356,6 +356,9 @@ def test_missing_image_is_named(broken_coco):
     with pytest.raises(FileNotFoundError, match=r"1 image\(s\) listed in .*instances_train\.json not found: "
                                                 r".*train/000003\.png"):
         build_checked_coco(broken_coco)
+    # Not checked where a storage backend reads the files, or when turned off.
+    assert len(build_checked_coco(broken_coco, backend_args=dict(backend="local"))) == 8
+    assert len(build_checked_coco(broken_coco, check_files=False)) == 8
 
 
 @pytest.mark.parametrize("field, value, message", [

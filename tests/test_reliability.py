@@ -75,7 +75,7 @@ class _Logger:
     def info(self, msg):
         self.lines.append(msg)
 
-    error = info
+    error = warning = info
 
 
 def _runner(**kw):
@@ -106,10 +106,12 @@ def test_random_state_hook_restores_all_generators():
     torch.save(checkpoint, buffer)
     buffer.seek(0)
     hook.after_load_checkpoint(_runner(), torch.load(buffer))
+    hook.before_train(_runner())  # applied when training starts (after mmengine's re-seeding)
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
     # loading for fine-tuning/testing leaves the generators alone
     state = torch.get_rng_state()
     hook.after_load_checkpoint(_runner(_resume=False), checkpoint)
+    hook.before_train(_runner(_resume=False))
     assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -129,3 +131,86 @@ def test_param_sync_check_detects_a_rank_that_diverged(monkeypatch):
     monkeypatch.setattr(hooks.dist, "all_gather_object", lambda obj: [digest, other])
     with pytest.raises(RuntimeError, match="parameters differ across ranks"):
         hooks.ParamSyncCheckHook().after_train(runner)
+
+
+class _TinyModel(__import__("mmengine").model.BaseModel):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(2, 1)
+
+    def forward(self, x, mode="tensor"):
+        x = torch.stack(x) if isinstance(x, list) else x
+        return dict(loss=self.fc(x).pow(2).mean()) if mode == "loss" else self.fc(x)
+
+
+class _Points(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return dict(x=torch.full((2,), float(index)))
+
+
+@pytest.mark.parametrize("seed", [0, None])
+def test_random_states_survive_mmengine_resume(tmp_path, seed):
+    """With a random seed (seed=None, the real configs' default) mmengine re-seeds after
+    loading the checkpoint; the states must still be the saved ones when training goes on."""
+    from mmengine.hooks import Hook
+    from mmengine.runner import Runner
+
+    at_start = {}
+
+    class Probe(Hook):
+        def before_train_epoch(self, runner):
+            at_start.setdefault("torch", torch.get_rng_state().clone())
+
+    def runner(work_dir, epochs, resume_from=None):
+        return Runner(model=_TinyModel(), work_dir=str(work_dir), randomness=dict(seed=seed),
+                      train_dataloader=dict(dataset=_Points(), batch_size=2, collate_fn=dict(type="default_collate"),
+                                            sampler=dict(type="DefaultSampler", shuffle=True)),
+                      optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.01)),
+                      train_cfg=dict(by_epoch=True, max_epochs=epochs),
+                      default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=1)),
+                      custom_hooks=[dict(type="RandomStateHook"), Probe()],
+                      resume=resume_from is not None, load_from=resume_from)
+
+    runner(tmp_path / "first", 1).train()
+    saved = torch.load(tmp_path / "first" / "epoch_1.pth")["rng_state"]["torch"]
+    at_start.clear()
+    runner(tmp_path / "resumed", 2, resume_from=str(tmp_path / "first" / "epoch_1.pth")).train()
+    assert torch.equal(at_start["torch"], saved)
+
+
+def test_non_finite_loss_hook_patience():
+    hook = hooks.NonFiniteLossHook(patience=2)
+    runner = _runner()
+    nan = {"loss": torch.tensor(float("nan"))}
+    hook.after_train_iter(runner, 0, outputs=nan)
+    hook.after_train_iter(runner, 1, outputs={"loss": torch.tensor(1.0)})  # resets the count
+    hook.after_train_iter(runner, 2, outputs=nan)
+    hook.after_train_iter(runner, 3, outputs=nan)
+    with pytest.raises(FloatingPointError):
+        hook.after_train_iter(runner, 4, outputs=nan)
+    assert sum("in a row" in line for line in runner.logger.lines) == 3
+
+
+def test_parameter_digest_covers_parameters_not_buffers():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))  # 0-dim num_batches_tracked
+    digest = hooks.parameter_digest(model)
+    model[1].running_mean += 1  # BN statistics may differ across ranks (broadcast_buffers=False)
+    assert hooks.parameter_digest(model) == digest
+    with torch.no_grad():
+        model[1].weight[0] = 2.0
+    assert hooks.parameter_digest(model) != digest
+
+
+def test_resume_looks_in_the_folder_last_checkpoint_names(tmp_path):
+    out_dir = tmp_path / "out" / "run"
+    out_dir.mkdir(parents=True)
+    first = _save(out_dir / "epoch_1.pth")
+    second = out_dir / "epoch_2.pth"
+    second.write_bytes(b"truncated")
+    (out_dir / "epoch_3.pth.tmp-99").write_bytes(b"partial")
+    (tmp_path / "last_checkpoint").write_text(str(second))
+    assert find_resume_checkpoint(str(tmp_path)) == first
+    assert not (out_dir / "epoch_3.pth.tmp-99").exists()

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 import internimage  # noqa: E402,F401  (registries, weights_only-safe checkpoint loading)
 from internimage.runner_utils import (DictAction, apply_common_args, find_resume_checkpoint,  # noqa: E402
-                                      make_training_reliable, teardown_distributed)
+                                      launch_rank, make_training_reliable, teardown_distributed)
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
@@ -48,13 +48,15 @@ def main(argv=None):
         cfg.setdefault("auto_scale_lr", {})["enable"] = True
     make_training_reliable(cfg)
     if args.resume == "auto":
-        # The newest *complete* checkpoint of the work dir (mmengine would take whatever
-        # last_checkpoint names); only rank 0 removes files left by an interrupted save.
-        latest = find_resume_checkpoint(cfg.work_dir, clean=os.environ.get("RANK", "0") == "0") \
+        # The newest *complete* checkpoint (mmengine would take whatever last_checkpoint
+        # names); only the first rank removes files left by an interrupted save.
+        latest = find_resume_checkpoint(cfg.work_dir, clean=launch_rank() == 0) \
             if os.path.isdir(cfg.work_dir) else None
         if latest is None:
             print(f"--resume: no complete checkpoint in {cfg.work_dir}; training from the start", flush=True)
-        cfg.resume, cfg.load_from = latest is not None, latest
+            cfg.resume = False  # a load_from of the config still applies
+        else:
+            cfg.resume, cfg.load_from = True, latest
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
     runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)

@@ -62,9 +62,11 @@ class MLPLayer(nn.Module):
 
     def _saves_memory(self, x):
         """Training without dropout or autocast: recompute the GELU in backward instead of
-        storing its output (see :mod:`internimage.models.memory`)."""
+        storing its output (see :mod:`internimage.models.memory`). Not while tracing or
+        when hooks watch the layers, which the fused path would bypass."""
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (self.fc1, self.fc2, self.act))
         return (torch.is_grad_enabled() and isinstance(self.act, nn.GELU) and self.drop.p == 0.0
-                and not torch.is_autocast_enabled(x.device.type)
+                and not hooked and not torch.jit.is_tracing() and not torch.is_autocast_enabled(x.device.type)
                 and (x.requires_grad or self.fc1.weight.requires_grad or self.fc2.weight.requires_grad))
 
 

@@ -5,11 +5,12 @@ In ``fc2(gelu(fc1(x)))`` autograd keeps both ``fc1(x)`` (for GELU's backward) an
 activations of an InternImage block. :class:`GeluMLPFunction` keeps only ``fc1(x)`` and
 recomputes the GELU in the backward pass (one element-wise op), which cuts the stored
 activations of an InternImage-T training step by about a fifth. Forward values are
-bit-identical; gradients are the same products, summed in the same order as aten's
-linear backward up to rounding.
+bit-identical; gradients are the same products as aten's linear backward, equal up to
+rounding. Double backward is not supported (it raises).
 """
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def _flat(t):
@@ -27,6 +28,7 @@ class GeluMLPFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the recomputation is not itself differentiated: no double backward
     def backward(ctx, grad_out):
         x, w1, hidden, w2 = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
