@@ -31,3 +31,8 @@ def test_benchmark_dcnv3_cpu_timing_and_work():
 def test_benchmark_dcnv3_cuda_without_gpu_is_a_clear_error():
     with pytest.raises(SystemExit, match="no CUDA device"):
         benchmark_dcnv3.cuda_main(type("Args", (), {"repeats": 1, "json": None})())
+
+
+def test_benchmark_times_models_round_robin():
+    times = benchmark.time_models(["internimage_t", "internimage_t_reference"], ("tiny", 1, 64, 64, "inference"), 2)
+    assert set(times) == {"internimage_t", "internimage_t_reference"} and all(t > 0 for t in times.values())

@@ -1,8 +1,10 @@
 """End-to-end CPU benchmark: InternImage-T against timm's ConvNeXt-T and Swin-T, and against
 the same InternImage-T on the pure-PyTorch reference DCNv3 core (the official CPU path).
 
-Times are medians after warm-up, in one process with a fixed thread count; peak memory
-is the growth of peak RSS in a fresh subprocess running one more step after warm-up.
+Times are medians after warm-up, in one process with a fixed thread count, the models of
+a case timed in turn (round-robin) so that load from elsewhere on the machine affects
+them alike; peak memory is the growth of peak RSS in a fresh subprocess running one more
+step after warm-up.
 
     python tools/benchmark.py [--threads N] [--repeats R] [--no-memory] [--bf16] [--json OUT]
 
@@ -74,20 +76,24 @@ def make_step(model, mode, batch, height, width):
     return step
 
 
-def time_case(name, case, repeats):
+def time_models(names, case, repeats):
+    """Median seconds per step of each model, measured round-robin (one step of each model
+    in turn, ``repeats`` rounds) so that a slow phase of the machine hits all of them."""
     _, batch, height, width, mode = case
-    model = build(name, mode)
-    if model is None:
-        return None
-    step = make_step(model, mode, batch, height, width)
-    for _ in range(2):
-        step()
-    times = []
+    steps = {}
+    for name in names:
+        model = build(name, mode)
+        if model is not None:
+            steps[name] = make_step(model, mode, batch, height, width)
+            for _ in range(2):
+                steps[name]()
+    times = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 _MEMORY_PROBE = """
@@ -122,7 +128,7 @@ def peak_memory_mb(name, case_index, threads):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="also time inference under bfloat16 autocast")
     parser.add_argument("--json", help="write the results to this file")
@@ -135,10 +141,7 @@ def main():
     for index, case in enumerate(CASES + BF16_CASES):
         if case[4] == "bf16" and not args.bf16:
             continue
-        for name in MODELS:
-            seconds = time_case(name, case, args.repeats)
-            if seconds is None:
-                continue
+        for name, seconds in time_models(MODELS, case, args.repeats).items():
             row = {"ms": seconds * 1e3}
             if not args.no_memory:
                 row["peak_mb"] = peak_memory_mb(name, index, args.threads)
