@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.init import constant_, xavier_uniform_
 
 from .functions import dcnv3, dcnv3_reference
+from .packed_linear import linear
 
 __all__ = ["DCNv3", "DCNv3_pytorch", "build_norm_layer", "build_act_layer", "to_channels_first", "to_channels_last"]
 
@@ -133,10 +134,10 @@ class DCNv3(nn.Module):
 
     def forward(self, input):
         """input: (N, H, W, C) -> (N, Ho, Wo, C)."""
-        x_proj = self.input_proj(input)
+        x_proj = linear(self.input_proj, input)
         features = self.dw_conv(input.permute(0, 3, 1, 2))  # channels-last out
-        offset = self.offset(features)
-        mask_logits = self.mask(features)  # softmax over the points of each group: inside the op
+        offset = linear(self.offset, features)
+        mask_logits = linear(self.mask, features)  # softmax over the points of each group: inside the op
         x = self.core_op(x_proj, offset, mask_logits, self.kernel_size, self.kernel_size, self.stride, self.stride,
                          self.pad, self.pad, self.dilation, self.dilation, self.group, self.group_channels,
                          self.offset_scale, bool(self.remove_center), softmax=True)
@@ -145,7 +146,7 @@ class DCNv3(nn.Module):
                              self.center_feature_scale_proj_bias).sigmoid()
             scale = scale.repeat_interleave(self.group_channels, dim=-1)  # (N, H, W, G) -> (N, H, W, C)
             x = x * (1 - scale) + x_proj * scale
-        return self.output_proj(x)
+        return linear(self.output_proj, x)
 
 
 class DCNv3_pytorch(DCNv3):

@@ -14,6 +14,7 @@ from torch import nn
 
 import ops_dcnv3
 from ops_dcnv3.modules import build_act_layer, build_norm_layer
+from ops_dcnv3.packed_linear import linear, release_packed_weights
 
 from .memory import gelu_mlp
 
@@ -58,6 +59,9 @@ class MLPLayer(nn.Module):
     def forward(self, x):
         if self._saves_memory(x):
             return gelu_mlp(x, self.fc1, self.fc2, self.act.approximate)
+        if (isinstance(self.act, nn.GELU) and self.act.approximate == "none" and not self.act._forward_hooks
+                and not self.training):  # inference: oneDNN, GELU fused (where usable)
+            return linear(self.fc2, linear(self.fc1, x, gelu=True))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
     def _saves_memory(self, x):
@@ -289,6 +293,8 @@ class InternImage(BaseModule):
     def train(self, mode=True):
         super().train(mode)
         self._freeze_stages()
+        if mode:  # the oneDNN weight copies of inference would only go stale while training
+            release_packed_weights(self)
         return self
 
     def forward_stages(self, x, last: Optional[int] = None):
