@@ -309,15 +309,20 @@ def test_detection_config_dataloaders_build_and_load(name, shapes_coco):
         loader_cfg.num_workers, loader_cfg.persistent_workers = 0, False
         loader_cfg.dataset.update(data_root=shapes_coco, metainfo=shapes,
                                   ann_file=f"annotations/instances_{split}.json", data_prefix=dict(img=f"{split}/"))
-        batch = next(iter(Runner.build_dataloader(loader_cfg, seed=0)))
-        assert len(batch["inputs"]) == loader_cfg.batch_size
-        sample = batch["data_samples"][0]
-        height, width = batch["inputs"][0].shape[-2:]
-        if split == "train":
-            assert len(sample.gt_instances) > 0 and sample.gt_instances.masks.height == height
-            assert 384 <= min(height, width) <= 800 and max(height, width) <= 1333, (height, width)
-        else:
-            assert (height, width) == (800, 800)  # 64x64 images, 1333x800 keep-ratio resize
+        # Random crops (3x recipe, negative crops allowed) can leave an image without objects:
+        # look at a whole epoch (4 batches) and require objects somewhere.
+        instances = 0
+        for batch in Runner.build_dataloader(loader_cfg, seed=0):
+            assert len(batch["inputs"]) == loader_cfg.batch_size
+            for image, sample in zip(batch["inputs"], batch["data_samples"]):
+                height, width = image.shape[-2:]
+                if split == "train":
+                    assert sample.gt_instances.masks.height == height
+                    assert 384 <= min(height, width) <= 800 and max(height, width) <= 1333, (height, width)
+                    instances += len(sample.gt_instances)
+                else:
+                    assert (height, width) == (800, 800)  # 64x64 images, 1333x800 keep-ratio resize
+        assert split != "train" or instances > 0
     evaluator = cfg.val_evaluator
     evaluator.ann_file = shapes_coco + "annotations/instances_val.json"
     assert set(METRICS.build(evaluator).metrics) == {"bbox", "segm"}
