@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from mmengine.model import BaseModel
 
 import internimage  # noqa: F401
 from internimage import hooks
@@ -133,7 +134,7 @@ def test_param_sync_check_detects_a_rank_that_diverged(monkeypatch):
         hooks.ParamSyncCheckHook().after_train(runner)
 
 
-class _TinyModel(__import__("mmengine").model.BaseModel):
+class _TinyModel(BaseModel):
     def __init__(self):
         super().__init__()
         self.fc = torch.nn.Linear(2, 1)

@@ -57,21 +57,25 @@ class MLPLayer(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
-        if self._saves_memory(x):
-            return gelu_mlp(x, self.fc1, self.fc2, self.act.approximate)
-        if (isinstance(self.act, nn.GELU) and self.act.approximate == "none" and not self.act._forward_hooks
-                and not self.training):  # inference: oneDNN, GELU fused (where usable)
-            return linear(self.fc2, linear(self.fc1, x, gelu=True))
+        if isinstance(self.act, nn.GELU) and not self._hooked():
+            if self._saves_memory(x):
+                return gelu_mlp(x, self.fc1, self.fc2, self.act.approximate)
+            if not self.training and self.act.approximate == "none":  # inference: oneDNN, GELU fused
+                return linear(self.fc2, linear(self.fc1, x, gelu=True))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+    def _hooked(self):
+        """Hooks on the layers: the fused paths would bypass them."""
+        return any(m._forward_hooks or m._forward_pre_hooks for m in (self.fc1, self.fc2, self.act))
 
     def _saves_memory(self, x):
         """Training without dropout or autocast: recompute the GELU in backward instead of
         storing its output (see :mod:`internimage.models.memory`). Not while tracing or
-        when hooks watch the layers, which the fused path would bypass."""
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (self.fc1, self.fc2, self.act))
+        when hooks watch the layers."""
         return (torch.is_grad_enabled() and isinstance(self.act, nn.GELU) and self.drop.p == 0.0
-                and not hooked and not torch.jit.is_tracing() and not torch.is_autocast_enabled(x.device.type)
-                and (x.requires_grad or self.fc1.weight.requires_grad or self.fc2.weight.requires_grad))
+                and not torch.jit.is_tracing() and not torch.is_autocast_enabled(x.device.type)
+                and (x.requires_grad or self.fc1.weight.requires_grad or self.fc2.weight.requires_grad)
+                and not self._hooked())
 
 
 class InternImageLayer(nn.Module):
