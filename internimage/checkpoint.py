@@ -8,27 +8,171 @@ Formats recognised by :func:`to_state_dict` (one pure function, used by every lo
 * a bare state dict.
 
 ``module.`` prefixes left by (Distributed)DataParallel are removed. Parameter names
-are the official ones, so no key is renamed. Files are read with ``weights_only=True``.
+are the official ones, so no key is renamed.
+
+Every file is read with ``torch.load(weights_only=True)`` and the allow-list of
+:mod:`internimage.safe_load`, local paths and http(s) URLs alike. A URL is downloaded into
+torch.hub's cache (``$TORCH_HOME/hub/checkpoints``) first, its hash checked when its name
+carries one, and only then unpickled; a file that fails the check is deleted from the cache.
+Importing this module replaces mmengine's http(s) checkpoint loader, which unpickles a
+download with ``weights_only=False`` (so any code in it runs), by that safe one
+(:func:`load_from_http_safe`); mmengine's other loaders are left as they are.
+
+Hash check: a file named ``NAME-<8 to 64 hex digits>.pth`` (torch.hub's convention, and
+what ``tools/publish_model.py`` writes) must have a sha256 that starts with those digits
+(either case). It applies to URLs and to the files this project's loaders and tools read;
+set ``INTERNIMAGE_VERIFY_HASH=0`` (or pass ``verify_hash=False``) for a file whose name only
+looks like that, e.g. ``model-20240101.pth``.
 """
+import hashlib
 import logging
 import os
-import tempfile
+import pickle
+import re
+import urllib.parse
 from collections import OrderedDict
 from typing import Dict, Iterable, Optional
 
+import mmengine.runner.checkpoint as mmengine_checkpoint
 import torch
+from mmengine.dist import get_dist_info
 from mmengine.logging import print_log
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from . import safe_load  # noqa: F401  (allow-lists mmengine's checkpoint contents)
+from .fileio import atomic_output
 
 # Classification-head modules of InternImageClassifier (absent from a backbone).
 HEAD_PREFIXES = ("conv_head.", "head.", "dcnv3_head_x4.", "dcnv3_head_x3.", "clip_projector.", "fc_norm.")
+HASH_IN_NAME = re.compile(r"-([0-9a-fA-F]{8,64})\.pth$")
+VERIFY_ENV = "INTERNIMAGE_VERIFY_HASH"
+# A checkpoint must provide at least this fraction of a model's state-dict entries to count
+# as that model's weights (layer-scale gammas and a new head may be missing; nothing at all
+# matching means the wrong file).
+MIN_MATCHED_FRACTION = 0.5
 
 
-def load_file(filename: str, map_location="cpu") -> dict:
-    """Read a checkpoint from a path or URL (mmengine's loaders; ``weights_only=True``)."""
-    return CheckpointLoader.load_checkpoint(filename, map_location=map_location)
+def _is_url(filename: str) -> bool:
+    return filename.startswith(("http://", "https://"))
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_in_name(path: str) -> Optional[str]:
+    """The sha256 prefix a file name carries (``NAME-<hex>.pth``, lower-cased), or ``None``."""
+    match = HASH_IN_NAME.search(os.path.basename(path))
+    return match.group(1).lower() if match else None
+
+
+def verification_enabled(verify_hash: Optional[bool] = None) -> bool:
+    """``verify_hash`` when given, else ``$INTERNIMAGE_VERIFY_HASH`` (on unless it is ``0``)."""
+    if verify_hash is not None:
+        return bool(verify_hash)
+    return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def verify_hash_in_name(path: str, verify_hash: Optional[bool] = None, source: Optional[str] = None
+                        ) -> Optional[str]:
+    """If ``path`` is named ``...-<hex>.pth``, check that its sha256 starts with ``<hex>``.
+
+    Returns the full sha256 when checked, ``None`` when the name carries no hash or checks
+    are off; raises ``ValueError`` naming the file (or ``source``) when the content differs.
+    """
+    expected = hash_in_name(path)
+    if expected is None or not verification_enabled(verify_hash):
+        return None
+    actual = sha256_of(path)
+    if not actual.startswith(expected):
+        raise ValueError(f"checkpoint {source or path} is corrupt or was modified: its name says sha256 "
+                         f"{expected}..., its content has sha256 {actual[:len(expected)]}...; download or "
+                         f"publish it again (if the name only looks like NAME-<hash>.pth, set {VERIFY_ENV}=0)")
+    return actual
+
+
+def torch_load_safe(path: str, map_location="cpu", source: Optional[str] = None):
+    """``torch.load(weights_only=True)`` with an error that names where the file came from."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise pickle.UnpicklingError(
+            f"refusing to load checkpoint {source or path}: it holds objects other than tensors and "
+            f"plain data, which could run code when unpickled (loaded with weights_only=True). {error}") from None
+
+
+def download_checkpoint(url: str, model_dir: Optional[str] = None, progress: bool = False,
+                        verify_hash: Optional[bool] = None) -> str:
+    """Download ``url`` into ``model_dir`` (default: torch.hub's checkpoint cache) unless it is
+    there, check the hash its name carries, and return the local path. Nothing is unpickled.
+    A file that fails the check is deleted from the cache."""
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    if not name:
+        raise ValueError(f"checkpoint URL {url} names no file")
+    model_dir = model_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
+    os.makedirs(model_dir, exist_ok=True)
+    cached = os.path.join(model_dir, name)
+    if not os.path.isfile(cached):
+        print_log(f"Downloading {url} to {cached}", logger="current")
+        try:
+            torch.hub.download_url_to_file(url, cached, hash_prefix=None, progress=progress)
+        except Exception as error:
+            raise OSError(f"could not download checkpoint {url}: {error}") from error
+    try:
+        verify_hash_in_name(cached, verify_hash, source=url)
+    except ValueError:
+        os.remove(cached)
+        raise
+    return cached
+
+
+def load_from_http_safe(filename: str, map_location=None, model_dir: Optional[str] = None,
+                        progress: bool = False, verify_hash: Optional[bool] = None):
+    """mmengine's http(s) checkpoint loader made safe: download (the first rank first in
+    distributed runs, as mmengine does), check the hash in the name, then
+    ``torch.load(weights_only=True)``."""
+    rank, world_size = get_dist_info()
+    if rank == 0:
+        path = download_checkpoint(filename, model_dir, progress, verify_hash)
+    if world_size > 1:
+        torch.distributed.barrier()
+        if rank > 0:
+            path = download_checkpoint(filename, model_dir, progress, verify_hash)
+    try:
+        return torch_load_safe(path, map_location, source=filename)
+    except pickle.UnpicklingError:
+        os.remove(path)  # never keep an unloadable download around to be tried again
+        raise
+
+
+def install_safe_http_loader():
+    """Route mmengine's http(s) checkpoints (and the ``torchvision://``, ``open-mmlab://`` and
+    ``mmcls://`` schemes, which resolve to URLs and call ``load_from_http``) through
+    :func:`load_from_http_safe`."""
+    CheckpointLoader.register_scheme(prefixes=("http://", "https://"), loader=load_from_http_safe, force=True)
+    mmengine_checkpoint.load_from_http = load_from_http_safe
+
+
+install_safe_http_loader()
+
+
+def load_file(filename: str, map_location="cpu", verify_hash: Optional[bool] = None) -> dict:
+    """Read a checkpoint from a path or URL: hash checked when the name carries one, then
+    ``torch.load(weights_only=True)``. Other mmengine schemes (``s3://`` etc.) go through
+    mmengine's loaders."""
+    if _is_url(filename):
+        return load_from_http_safe(filename, map_location, verify_hash=verify_hash)
+    if "://" in filename:
+        return CheckpointLoader.load_checkpoint(filename, map_location=map_location)
+    path = os.path.expanduser(filename)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {filename} not found")
+    verify_hash_in_name(path, verify_hash)
+    return torch_load_safe(path, map_location)
 
 
 def to_state_dict(checkpoint: dict) -> "OrderedDict[str, torch.Tensor]":
@@ -66,18 +210,37 @@ def backbone_state_dict(state_dict: Dict[str, torch.Tensor], prefix: Optional[st
     return OrderedDict((k, v) for k, v in state_dict.items() if not k.startswith(HEAD_PREFIXES))
 
 
+def check_coverage(own_keys: Iterable[str], found_keys: Iterable[str], source: str,
+                   min_fraction: float = MIN_MATCHED_FRACTION, what: str = "the model"):
+    """Raise ``ValueError`` when ``found_keys`` provide fewer than ``min_fraction`` of
+    ``own_keys`` (none at all when ``min_fraction`` is 0): the file is not this model's."""
+    own_keys, found_keys = list(own_keys), list(found_keys)
+    matched = len(set(own_keys) & set(found_keys))
+    if own_keys and (matched == 0 or matched < min_fraction * len(own_keys)):
+        raise ValueError(
+            f"checkpoint {source} does not fit {what}: it provides {matched} of its {len(own_keys)} weights "
+            f"(at least {min_fraction:.0%} expected). Expected keys like {own_keys[:3]}, found keys like "
+            f"{found_keys[:3]}{' (the file is empty)' if not found_keys else ''}")
+    return matched
+
+
 def load_state_dict_checked(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor],
-                            skip_mismatched: Iterable[str] = (), logger="current", source: str = "checkpoint"):
+                            skip_mismatched: Iterable[str] = (), logger="current", source: str = "checkpoint",
+                            min_fraction: float = MIN_MATCHED_FRACTION):
     """Load ``state_dict`` into ``model``, reporting what does not match.
 
-    A shape mismatch raises ``ValueError`` naming the key and both shapes, except under
-    a prefix of ``skip_mismatched`` (e.g. a classifier head with another class count),
-    where the key is skipped with one log line. Missing layer-scale gammas keep their
-    initial value (1.0 in the detection configs of T, which equals no layer scale),
-    said in one line; other missing and unexpected keys are listed in the log.
+    A checkpoint that provides fewer than ``min_fraction`` of the model's weights raises
+    ``ValueError`` naming the file and a few expected and found keys (the wrong file would
+    otherwise leave the model at random initialisation). A shape mismatch raises
+    ``ValueError`` naming the key and both shapes, except under a prefix of
+    ``skip_mismatched`` (e.g. a classifier head with another class count), where the key is
+    skipped with one log line. Missing layer-scale gammas keep their initial value (1.0 in
+    the detection configs of T, which equals no layer scale), said in one line; other
+    missing and unexpected keys are listed in the log.
     """
     skip_mismatched = tuple(skip_mismatched)
     own = model.state_dict()
+    check_coverage(own.keys(), state_dict.keys(), source, min_fraction)
     loadable = OrderedDict()
     skipped = []
     for key, value in state_dict.items():
@@ -132,27 +295,24 @@ def load_classifier_weights(model: torch.nn.Module, checkpoint, map_location="cp
 
 
 def save_atomic(obj, path: str):
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pth")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``torch.save`` so that ``path`` holds the old file or the whole new one, never a part."""
+    with atomic_output(path) as f:
+        torch.save(obj, f)
+
+
+def refuse_overwriting(src: str, dst: str, what: str = "output"):
+    """Raise ``ValueError`` when writing ``dst`` would replace the input file ``src``."""
+    if isinstance(src, str) and not _is_url(src) and os.path.exists(src) and os.path.exists(dst) \
+            and os.path.samefile(src, dst):
+        raise ValueError(f"the {what} {dst} is the input file {src}: refusing to overwrite it; "
+                         "choose another output name")
 
 
 def convert_checkpoint(src, dst: str) -> dict:
     """Write any supported checkpoint (path, URL or dict) in this project's (mmengine) form."""
     from .version import __version__
 
+    refuse_overwriting(src, dst)
     ckpt = load_file(src) if isinstance(src, str) else src
     meta = dict(ckpt.get("meta") or {}) if isinstance(ckpt, dict) else {}
     if "CLASSES" in meta and "dataset_meta" not in meta:  # mmdet 2.x / mmseg 0.x naming

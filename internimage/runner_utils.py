@@ -4,6 +4,7 @@ import glob
 import logging
 import os
 import re
+import stat
 import subprocess
 import zipfile
 from typing import Optional
@@ -11,6 +12,8 @@ from typing import Optional
 import torch
 from mmengine.config import Config, DictAction  # noqa: F401  (re-exported for the tools)
 from mmengine.logging import print_log
+
+from .fileio import TMP_MARK
 
 
 def apply_common_args(cfg: Config, args) -> Config:
@@ -140,6 +143,19 @@ def launch_rank() -> int:
     return 0
 
 
+def remove_interrupted_saves(folder: str):
+    """Delete the temporary files an interrupted atomic save left in ``folder``.
+
+    Only regular files directly inside it are touched, never what a symlink points to.
+    """
+    for tmp in glob.glob(os.path.join(glob.escape(folder), f"*.pth{TMP_MARK}*")):
+        if not stat.S_ISREG(os.lstat(tmp).st_mode):
+            continue
+        print_log(f"removing {tmp}: left by a checkpoint save that was interrupted", logger="current")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
 _CKPT_NAME = re.compile(r"^(epoch|iter)_(\d+)\.pth$")
 
 
@@ -148,30 +164,33 @@ def is_complete_checkpoint(path: str) -> bool:
     return os.path.isfile(path) and zipfile.is_zipfile(path)
 
 
-def find_resume_checkpoint(work_dir: str, clean: bool = True) -> Optional[str]:
+def find_resume_checkpoint(work_dir: str, clean: bool = True, checkpoint_dir: Optional[str] = None
+                           ) -> Optional[str]:
     """The checkpoint ``--resume`` continues from: the one ``last_checkpoint`` names if it is
     complete; else (no pointer, an empty one, or one naming a file that a non-atomic save
     left truncated) the most recently written complete ``epoch_N.pth`` / ``iter_N.pth`` in
-    the work dir or the folder the pointer names; ``None`` when there is none.
+    the work dir, ``checkpoint_dir`` (where the config's checkpoint hook writes, when that is
+    elsewhere) or the folder the pointer names; ``None`` when there is none.
 
     The pointer comes first although a kill between a save and the pointer's update makes
     it lag one checkpoint behind: a work dir can also hold stale checkpoints of an earlier
     run, which only the pointer tells apart. With ``clean``, temporary files left by an
-    interrupted save are removed."""
+    interrupted save are removed from the work dir and ``checkpoint_dir``, which the
+    config names; never from the folder of the pointer, a file that anything could have
+    written."""
     pointer = os.path.join(work_dir, "last_checkpoint")
     named = None
     if os.path.isfile(pointer):
         with open(pointer) as f:
             named = f.read().strip() or None
-    folders = {os.path.abspath(work_dir)}
+    trusted = {os.path.abspath(work_dir)} | ({os.path.abspath(checkpoint_dir)} if checkpoint_dir else set())
+    folders = set(trusted)
     if named:
         folders.add(os.path.dirname(os.path.abspath(named)))
     if clean:
-        for folder in sorted(folders):
-            for tmp in glob.glob(os.path.join(glob.escape(folder), "*.pth.tmp-*")):
-                print_log(f"removing {tmp}: left by a checkpoint save that was interrupted", logger="current")
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(tmp)
+        for folder in sorted(trusted):
+            if os.path.isdir(folder):
+                remove_interrupted_saves(folder)
     if named and is_complete_checkpoint(named):
         return named
     found = []
@@ -186,3 +205,45 @@ def find_resume_checkpoint(work_dir: str, clean: bool = True) -> Optional[str]:
                   f"{'using ' + latest if latest else 'no complete checkpoint found'}", logger="current",
                   level=logging.WARNING)
     return latest
+
+
+def checkpoint_folder(cfg: Config) -> Optional[str]:
+    """Where the config's CheckpointHook writes when it has an ``out_dir`` (mmengine puts the
+    files in ``out_dir/<work dir name>``); ``None`` when it writes to the work dir or remotely."""
+    hook = cfg.get("default_hooks", {}).get("checkpoint") or {}
+    out_dir = hook.get("out_dir")
+    if not out_dir or "://" in out_dir:
+        return None
+    return os.path.join(out_dir, os.path.basename(os.path.normpath(cfg.work_dir)))
+
+
+def check_checkpoint_argument(filename: Optional[str], verify_hash: Optional[bool] = None):
+    """Before a run: a local checkpoint must exist, and match the hash its name carries
+    (``NAME-<hex>.pth``); URLs are checked when downloaded."""
+    from .checkpoint import verify_hash_in_name
+
+    if not filename or "://" in filename:
+        return
+    path = os.path.expanduser(filename)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {filename} not found")
+    verify_hash_in_name(path, verify_hash)
+
+
+def require_matching_checkpoint(runner, min_fraction: float):
+    """Make ``runner.load_checkpoint`` fail when the file provides fewer than ``min_fraction``
+    of the model's weights (mmengine only warns about missing keys, and a test of the
+    wrong file then evaluates a randomly initialised model)."""
+    from mmengine.model import is_model_wrapper
+
+    from .checkpoint import check_coverage, to_state_dict
+
+    load = runner.load_checkpoint
+
+    def load_checked(filename, *args, **kwargs):
+        checkpoint = load(filename, *args, **kwargs)
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        check_coverage(model.state_dict().keys(), to_state_dict(checkpoint).keys(), filename, min_fraction)
+        return checkpoint
+
+    runner.load_checkpoint = load_checked

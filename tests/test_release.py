@@ -54,18 +54,20 @@ def test_publish_strips_training_state_and_names_by_hash(trained_checkpoint, tmp
 
 
 def test_corrupted_release_is_refused(trained_checkpoint, tmp_path):
-    from mmengine.runner import CheckpointLoader
-
+    from internimage.checkpoint import load_file
     from internimage.publish import publish_checkpoint
+    from internimage.runner_utils import check_checkpoint_argument
 
     ckpt, _ = trained_checkpoint
     published = publish_checkpoint(str(ckpt), str(tmp_path / "rel.pth"))
-    CheckpointLoader.load_checkpoint(published, map_location="cpu")  # intact: loads
+    load_file(published)  # intact: loads
     data = bytearray(Path(published).read_bytes())
     data[len(data) // 2] ^= 0xFF
     Path(published).write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"corrupt or was modified"):
-        CheckpointLoader.load_checkpoint(published, map_location="cpu")
+        load_file(published)
+    with pytest.raises(ValueError, match=r"corrupt or was modified"):  # what tools/test.py and train.py run first
+        check_checkpoint_argument(published)
 
 
 def test_fine_tune_from_release_with_other_class_count(trained_checkpoint, tmp_path):

@@ -214,4 +214,20 @@ def test_resume_looks_in_the_folder_last_checkpoint_names(tmp_path):
     (out_dir / "epoch_3.pth.tmp-99").write_bytes(b"partial")
     (tmp_path / "last_checkpoint").write_text(str(second))
     assert find_resume_checkpoint(str(tmp_path)) == first
+    # The pointer is only a file in the work dir: it may lead the search, not the deletions.
+    assert (out_dir / "epoch_3.pth.tmp-99").exists()
+    # The folder the config's checkpoint hook writes to is cleaned.
+    assert find_resume_checkpoint(str(tmp_path), checkpoint_dir=str(out_dir)) == first
     assert not (out_dir / "epoch_3.pth.tmp-99").exists()
+
+
+def test_checkpoint_folder_follows_the_hook_out_dir(tmp_path):
+    from mmengine.config import Config
+
+    from internimage.runner_utils import checkpoint_folder
+
+    cfg = Config(dict(work_dir=str(tmp_path / "work_dirs" / "exp"), default_hooks=dict(checkpoint=dict(
+        type="CheckpointHook", out_dir=str(tmp_path / "ckpts")))))
+    assert checkpoint_folder(cfg) == str(tmp_path / "ckpts" / "exp")
+    cfg.default_hooks.checkpoint.out_dir = None
+    assert checkpoint_folder(cfg) is None

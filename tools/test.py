@@ -3,7 +3,10 @@
     python tools/test.py CONFIG CHECKPOINT [--work-dir D] [--out F] [--show-dir D]
                          [--cfg-options k=v ...] [--launcher none|pytorch|slurm]
 
-CHECKPOINT may be this project's, an mmdet 2.x / mmseg 0.x one, or a path/URL.
+CHECKPOINT may be this project's, an mmdet 2.x / mmseg 0.x one, or a path/URL. It is read
+with ``weights_only=True``; a name ``NAME-<hex>.pth`` must match the file's sha256 (set
+INTERNIMAGE_VERIFY_HASH=0 to skip that), and a file that provides fewer than half of the
+model's weights is refused (evaluating it would measure a randomly initialised model).
 """
 import argparse
 import os
@@ -11,12 +14,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import internimage  # noqa: E402,F401
-from internimage.runner_utils import DictAction, apply_common_args, teardown_distributed  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.evaluator import DumpResults  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
+
+import internimage  # noqa: E402,F401
+from internimage.runner_utils import (  # noqa: E402
+    DictAction,
+    apply_common_args,
+    check_checkpoint_argument,
+    require_matching_checkpoint,
+    teardown_distributed,
+)
 
 
 def parse_args(argv=None):
@@ -48,11 +58,13 @@ def enable_visualization(cfg, show_dir):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_checkpoint_argument(args.checkpoint)
     cfg = apply_common_args(Config.fromfile(args.config), args)
     cfg.load_from = args.checkpoint
     if args.show_dir:
         enable_visualization(cfg, args.show_dir)
     runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
+    require_matching_checkpoint(runner, min_fraction=0.5)
     if args.out:
         if not args.out.endswith((".pkl", ".pickle")):
             raise ValueError(f"--out must be a .pkl file, got {args.out}")

@@ -10,13 +10,22 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-
-import internimage  # noqa: E402,F401  (registries, weights_only-safe checkpoint loading)
-from internimage.runner_utils import (DictAction, apply_common_args, find_resume_checkpoint,  # noqa: E402
-                                      launch_rank, make_training_reliable, teardown_distributed)
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
+
+import internimage  # noqa: E402,F401  (registries, weights_only-safe checkpoint loading)
+from internimage.runner_utils import (  # noqa: E402
+    DictAction,
+    apply_common_args,
+    check_checkpoint_argument,
+    checkpoint_folder,
+    find_resume_checkpoint,
+    launch_rank,
+    make_training_reliable,
+    require_matching_checkpoint,
+    teardown_distributed,
+)
 
 
 def parse_args(argv=None):
@@ -50,7 +59,8 @@ def main(argv=None):
     if args.resume == "auto":
         # The newest *complete* checkpoint (mmengine would take whatever last_checkpoint
         # names); only the first rank removes files left by an interrupted save.
-        latest = find_resume_checkpoint(cfg.work_dir, clean=launch_rank() == 0) \
+        latest = find_resume_checkpoint(cfg.work_dir, clean=launch_rank() == 0,
+                                        checkpoint_dir=checkpoint_folder(cfg)) \
             if os.path.isdir(cfg.work_dir) else None
         if latest is None:
             print(f"--resume: no complete checkpoint in {cfg.work_dir}; training from the start", flush=True)
@@ -59,7 +69,10 @@ def main(argv=None):
             cfg.resume, cfg.load_from = True, latest
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
+    check_checkpoint_argument(cfg.get("load_from"))
     runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
+    # A load_from or resume file that matches no weight of the model is the wrong file.
+    require_matching_checkpoint(runner, min_fraction=0.0)
     try:
         runner.train()
     finally:
