@@ -2,12 +2,15 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test demo benchmark clean
+.PHONY: env lint test demo benchmark clean
 
 env:
 	@bash tools/setup_env.sh
 
-test: env
+lint: env
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 demo: env

@@ -39,7 +39,8 @@ def make_extension():
     # same libgomp.so.1 that torch loads, so torch.set_num_threads governs our kernels too.
     cxx_flags = ["-O3", "-fopenmp"]
     define_macros = []
-    if os.environ.get("DCNV3_DEBUG", "0") == "1":
+    debug = os.environ.get("DCNV3_DEBUG", "0") == "1"
+    if debug:
         cxx_flags = ["-O1", "-g", "-fopenmp", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
     if want_cuda():
         sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
@@ -60,7 +61,7 @@ def make_extension():
         sources,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"] + (["-fsanitize=address,undefined"] if os.environ.get("DCNV3_DEBUG") == "1" else []),
+        extra_link_args=["-fopenmp"] + (["-fsanitize=address,undefined"] if debug else []),
     )
 
 

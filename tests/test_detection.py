@@ -266,8 +266,8 @@ def test_sigkill_mid_training_then_resume_continues_exactly(shapes_coco, uninter
 
 def test_kill_during_checkpoint_save_never_leaves_a_checkpoint_to_resume_from(shapes_coco, uninterrupted, tmp_path):
     work_dir = tmp_path / "crashed"
-    code, log = run_tool(train_cmd(work_dir, *LONG, "default_hooks.checkpoint.backend_args.backend=crash_on_second_save",
-                                   "custom_imports.imports=[internimage,crash_backend]"),
+    crash = "default_hooks.checkpoint.backend_args.backend=crash_on_second_save"
+    code, log = run_tool(train_cmd(work_dir, *LONG, crash, "custom_imports.imports=[internimage,crash_backend]"),
                          shapes_coco, expect_ok=False)
     assert code == -signal.SIGKILL, log[-3000:]
     names = sorted(p.name for p in work_dir.iterdir() if ".pth" in p.name)
@@ -382,8 +382,8 @@ def test_annotation_with_unknown_id_is_named(broken_coco, field, value, message)
 def test_layer_decay_learning_rates_post_norm_variant():
     """The InternImage-L Cascade 3x config (post-norm, layer scale, 37 layers, rate 0.9),
     real size on the meta device: learning rates and weight decay of named parameters."""
-    from mmengine.optim import build_optim_wrapper
     from mmdet.registry import MODELS
+    from mmengine.optim import build_optim_wrapper
 
     cfg = Config.fromfile(str(REPO / "configs/cascade_mask_rcnn/cascade-mask-rcnn_internimage-l_fpn_3x_coco.py"))
     init_default_scope("mmdet")

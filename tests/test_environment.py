@@ -46,9 +46,10 @@ def test_compiled_extension_loads():
 
 
 def test_internimage_registered_in_mmdet_and_mmseg():
-    import internimage
     from mmdet.registry import MODELS as MMDET_MODELS
     from mmseg.registry import MODELS as MMSEG_MODELS
+
+    import internimage
 
     assert MMDET_MODELS.get("InternImage") is internimage.InternImage
     assert MMSEG_MODELS.get("InternImage") is internimage.InternImage
@@ -102,8 +103,9 @@ def make_runner(work_dir, max_epochs, **kwargs):
 
 
 def test_mmengine_checkpoints_load_with_weights_only(tmp_path):
-    import internimage  # noqa: F401  (allow-lists mmengine's checkpoint contents)
     from mmengine.runner import load_checkpoint
+
+    import internimage  # noqa: F401  (allow-lists mmengine's checkpoint contents)
 
     runner = make_runner(tmp_path, max_epochs=1)
     runner.train()
@@ -122,8 +124,9 @@ def test_mmengine_checkpoints_load_with_weights_only(tmp_path):
 
 
 def test_arbitrary_pickled_objects_are_still_refused(tmp_path):
-    import internimage  # noqa: F401
     from mmengine.runner import load_checkpoint
+
+    import internimage  # noqa: F401
 
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {"linear.weight": torch.zeros(1, 2)}, "meta": {"payload": Arbitrary()}}, path)

@@ -53,9 +53,9 @@ def test_mmdet_mask_rcnn_with_internimage_runs_forward(tmp_path):
 
 
 def test_mmseg_upernet_with_internimage_runs_forward(tmp_path):
+    from mmengine.structures import PixelData
     from mmseg.registry import MODELS
     from mmseg.structures import SegDataSample
-    from mmengine.structures import PixelData
 
     init_default_scope("mmseg")
     cfg = base_model_config(tmp_path, "mmseg::_base_/models/upernet_r50.py")

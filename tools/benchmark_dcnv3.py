@@ -166,7 +166,7 @@ def cuda_main(args):
                     row["bandwidth_fraction"] = row["ours_gb_per_s"] / copy_gb_s
                     row["ours_over_copy"] = row["ours_ms"] / row["copy_ms"]
                 rows.append(row)
-                del tensors
+                tensors = None  # free the device memory before the next row
     print(f"{'shape':<30}{'dtype':<9}{'mode':<18}{'ours ms':>9}{'ref ms':>9}{'speedup':>9}"
           f"{'copy ms':>9}{'ours/copy':>10}{'GB/s':>8}{'of copy':>8}")
     for r in rows:
