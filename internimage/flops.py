@@ -7,6 +7,7 @@ official pure-PyTorch form, ``grid_sample`` at 4 MACs per sampled value (4*H*W*P
 plus the paper's ``5*H*W*P*C`` for the core. This reproduces the published numbers
 (T 5.00G, S 8.46G, B 16.40G at 224; L 108.85G, XL 164.24G at 384).
 """
+import numbers
 from typing import Sequence, Tuple
 
 import torch
@@ -25,6 +26,19 @@ def dcnv3_flop_jit(inputs, outputs) -> int:
     group = inputs[11].toIValue()
     sampled_values = n * ho * wo * (group_points // group) * channels
     return (4 + 5) * sampled_values
+
+
+# The backbone downsamples by 32 (stem 4x, then three 2x downsamplings): smaller inputs
+# leave the last stages without a pixel of their own.
+MIN_SIZE = 32
+
+
+def check_input_shape(height, width, name: str = "height and width") -> None:
+    """``height`` and ``width`` must be integers >= 32; a ValueError naming ``name`` otherwise."""
+    for value in (height, width):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < MIN_SIZE:
+            raise ValueError(f"{name} must be integers >= {MIN_SIZE} (the backbone downsamples by 32), "
+                             f"got {height!r} x {width!r}")
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -46,6 +60,7 @@ def classifier_complexity(name: str, height: int, width: int) -> Tuple[int, int]
     """(params, MACs) of a variant's 1000-class classifier at ``height x width``."""
     from .builder import build_model
 
+    check_input_shape(height, width)
     model = build_model(name, num_classes=1000)
     return count_params(model), count_flops(model, (torch.zeros(1, 3, height, width),))
 
@@ -76,6 +91,7 @@ def config_complexity(cfg, height: int, width: int) -> Tuple[int, int]:
 
     import internimage  # noqa: F401  (registers InternImage)
 
+    check_input_shape(height, width)
     init_default_scope(cfg.get("default_scope", "mmdet"))
     model = MODELS.build(cfg.model)
     if hasattr(model, "backbone") and hasattr(model.backbone, "with_cp"):

@@ -8,11 +8,15 @@ config is its whole detector or segmentor. See internimage/flops.py for the coun
 """
 import argparse
 import json
+import os
+import sys
 
-from mmengine.config import Config
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from internimage.flops import classifier_complexity, config_complexity
-from internimage.variants import IMAGE_SIZE, VARIANTS
+from mmengine.config import Config  # noqa: E402
+
+from internimage.flops import MIN_SIZE, classifier_complexity, config_complexity  # noqa: E402
+from internimage.variants import IMAGE_SIZE, VARIANTS  # noqa: E402
 
 
 def main():
@@ -25,15 +29,21 @@ def main():
     args = parser.parse_args()
     if (args.config is None) == (args.variant is None):
         parser.error("give either a CONFIG or --variant")
-    if args.shape and len(args.shape) > 2:
-        parser.error("--shape takes H or H W")
+    if args.shape is not None:
+        if len(args.shape) > 2:
+            parser.error(f"--shape takes H or H W, got {len(args.shape)} numbers: {args.shape}")
+        if any(size < MIN_SIZE for size in args.shape):
+            parser.error(f"--shape must be at least {MIN_SIZE} pixels (the backbone downsamples by 32), "
+                         f"got {' '.join(map(str, args.shape))}")
+    if args.config is not None and not os.path.isfile(args.config):
+        parser.error(f"config file not found: {args.config}")
     if args.variant:
         default = IMAGE_SIZE[args.variant]
-        height, width = (args.shape * 2)[:2] if args.shape else (default, default)
+        height, width = (args.shape * 2)[:2] if args.shape is not None else (default, default)
         params, flops = classifier_complexity(args.variant, height, width)
         name = f"internimage_{args.variant}"
     else:
-        height, width = (args.shape * 2)[:2] if args.shape else (800, 1280)
+        height, width = (args.shape * 2)[:2] if args.shape is not None else (800, 1280)
         params, flops = config_complexity(Config.fromfile(args.config), height, width)
         name = args.config
     if args.json:

@@ -8,7 +8,8 @@
 4. writes under the work dir: metrics.json, predictions.png (validation images with
    predicted boxes and masks), curves.png (training loss and validation mAP), and the
    published checkpoint (tools/publish_model.py);
-5. prints a summary with the command to fine-tune from the published checkpoint.
+5. prints a summary with the commands to fine-tune from the published checkpoint (the
+   whole detector, or its backbone only).
 
     python tools/quickstart.py [--work-dir D] [--seed S] [--epochs E] [--cfg-options k=v ...]
 """
@@ -140,6 +141,9 @@ def main():
     print(f"  checkpoint:  {published}")
     print("Fine-tune from it (e.g. with another config or dataset):")
     print(f"  .venv/bin/python tools/train.py {os.path.relpath(CONFIG, ROOT)} --cfg-options load_from={published}")
+    print("or from its backbone only:")
+    print(f"  .venv/bin/python tools/train.py {os.path.relpath(CONFIG, ROOT)} "
+          f"--cfg-options model.backbone.init_cfg.checkpoint={published}")
     print("=" * 78)
 
 

@@ -5,13 +5,16 @@
 # layer-decay AdamW); sizes chosen to train in minutes on 2 cores:
 #   backbone: channels 32, depths [1, 1, 3, 1], groups [2, 4, 8, 16] (16 channels per group)
 #   FPN 64 channels; anchors of 16-256 px for objects of 10-60 px.
+# The backbone starts from scratch: its init_cfg names no checkpoint (checkpoint=None loads
+# nothing). To start it from a checkpoint's backbone (e.g. a published quickstart model):
+#   --cfg-options model.backbone.init_cfg.checkpoint=PATH
 _base_ = ['../mask_rcnn/mask-rcnn_internimage-t_fpn_1x_coco.py']
 data_root = '{{$INTERNIMAGE_QUICKSTART_DATA:data/shapes_coco/}}'
 metainfo = dict(classes=('circle', 'square', 'triangle'), palette=[(220, 20, 60), (0, 130, 200), (60, 180, 75)])
 image_size = 128
 model = dict(
     backbone=dict(channels=32, depths=[1, 1, 3, 1], groups=[2, 4, 8, 16], mlp_ratio=4.0, drop_path_rate=0.0,
-                  layer_scale=None, init_cfg=None),
+                  layer_scale=None, init_cfg=dict(type='Pretrained', checkpoint=None)),
     neck=dict(in_channels=[32, 64, 128, 256], out_channels=64),
     rpn_head=dict(in_channels=64, feat_channels=64,
                   anchor_generator=dict(scales=[4], ratios=[0.5, 1.0, 2.0], strides=[4, 8, 16, 32, 64])),

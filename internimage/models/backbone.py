@@ -3,6 +3,8 @@
 Module and parameter names follow the official implementation, so official
 checkpoints load unchanged (see :mod:`internimage.checkpoint`).
 """
+import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -19,6 +21,84 @@ from ops_dcnv3.packed_linear import linear, release_packed_weights
 from .memory import gelu_mlp
 
 CORE_OPS = {"DCNv3": ops_dcnv3.DCNv3, "DCNv3_pytorch": ops_dcnv3.DCNv3_pytorch}
+
+NUM_STAGES = 4
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A finite real number (not a bool, a string or None)."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(float(value)))
+
+
+def _per_stage(name, value):
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise ValueError(f"{name} must be a list of {NUM_STAGES} positive integers (one per stage), got {value!r}")
+    values = list(value)
+    if len(values) != NUM_STAGES:
+        raise ValueError(f"{name} must have {NUM_STAGES} entries (one per stage), got {len(values)}: {value!r}")
+    for i, v in enumerate(values):
+        if not _is_int(v) or v < 1:
+            raise ValueError(f"{name}[{i}] must be an integer >= 1, got {v!r} (in {name}={value!r})")
+    return values
+
+
+def _is_empty_pretrained(init_cfg) -> bool:
+    """``dict(type='Pretrained', checkpoint=None)``: a slot for ``--cfg-options
+    model.backbone.init_cfg.checkpoint=PATH``, meaning "no weights to load" while empty."""
+    return isinstance(init_cfg, dict) and init_cfg.get("type") == "Pretrained" and init_cfg.get("checkpoint") is None
+
+
+def check_settings(channels, depths, groups, mlp_ratio, drop_rate, drop_path_rate, layer_scale, offset_scale,
+                   dw_kernel_size, level2_post_norm, level2_post_norm_block_ids, out_indices, frozen_stages):
+    """Reject settings that cannot build a working InternImage, naming the argument and
+    its value (ValueError), before any layer is built."""
+    if not _is_int(channels) or channels < 1:
+        raise ValueError(f"channels must be a positive integer, got {channels!r}")
+    depths = _per_stage("depths", depths)
+    groups = _per_stage("groups", groups)
+    for i, g in enumerate(groups):
+        stage_channels = channels * 2 ** i
+        if stage_channels % g != 0:
+            raise ValueError(f"stage {i + 1} has {stage_channels} channels (channels={channels} * 2**{i}), "
+                             f"not divisible by groups[{i}]={g}; groups={groups!r}")
+    if not _is_number(mlp_ratio) or mlp_ratio <= 0:
+        raise ValueError(f"mlp_ratio must be a number > 0, got {mlp_ratio!r}")
+    if int(channels * mlp_ratio) < 1:
+        raise ValueError(f"mlp_ratio={mlp_ratio!r} gives the MLPs of stage 1 no hidden units "
+                         f"(int({channels} * {mlp_ratio}) = 0)")
+    for name, value in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
+        if not _is_number(value) or not 0 <= value < 1:
+            raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    if layer_scale is not None and (not _is_number(layer_scale) or layer_scale < 0):
+        raise ValueError(f"layer_scale must be None (no layer scale) or a number >= 0, got {layer_scale!r}")
+    if not _is_number(offset_scale) or offset_scale < 0:
+        raise ValueError(f"offset_scale must be a number >= 0, got {offset_scale!r}")
+    if dw_kernel_size is not None and (not _is_int(dw_kernel_size) or dw_kernel_size < 1 or dw_kernel_size % 2 == 0):
+        raise ValueError(f"dw_kernel_size must be None or an odd positive integer, got {dw_kernel_size!r}")
+    if level2_post_norm and level2_post_norm_block_ids is not None:
+        for block_id in level2_post_norm_block_ids:
+            if not _is_int(block_id) or not 0 <= block_id < depths[2]:
+                raise ValueError(f"level2_post_norm_block_ids must be block indices of stage 3, in [0, {depths[2]}), "
+                                 f"got {level2_post_norm_block_ids!r}")
+    if isinstance(out_indices, (str, bytes)) or not hasattr(out_indices, "__iter__"):
+        raise ValueError(f"out_indices must be a sequence of stage indices in 0..{NUM_STAGES - 1}, "
+                         f"e.g. (0, 1, 2, 3), got {out_indices!r}")
+    indices = list(out_indices)
+    if not indices:
+        raise ValueError("out_indices must name at least one stage (indices in 0..3), got an empty sequence")
+    for i in indices:
+        if not _is_int(i) or not 0 <= i < NUM_STAGES:
+            raise ValueError(f"out_indices must be stage indices in 0..{NUM_STAGES - 1}, got {out_indices!r}")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"out_indices must not repeat a stage, got {out_indices!r}")
+    if not _is_int(frozen_stages) or not -1 <= frozen_stages <= NUM_STAGES:
+        raise ValueError(f"frozen_stages must be an integer in [-1, {NUM_STAGES}] (-1: nothing frozen, 0: the stem, "
+                         f"i: the stem and stages 1..i), got {frozen_stages!r}")
 
 
 class StemLayer(nn.Module):
@@ -205,7 +285,9 @@ class InternImage(BaseModule):
             frozen modules stay in eval mode and without gradients, also after ``train()``.
         init_cfg: mmengine init config; ``dict(type='Pretrained', checkpoint=PATH_OR_URL)``
             loads any official or converted checkpoint through
-            :func:`internimage.checkpoint.load_backbone_weights`.
+            :func:`internimage.checkpoint.load_backbone_weights`; with ``checkpoint=None``
+            nothing is loaded (as with ``init_cfg=None``), so configs can leave the slot for
+            ``--cfg-options model.backbone.init_cfg.checkpoint=PATH``.
         pretrained: shorthand for that init_cfg (as mmseg segmentors pass it).
     """
 
@@ -217,16 +299,19 @@ class InternImage(BaseModule):
                  out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
                  init_cfg: Optional[dict] = None, pretrained: Optional[str] = None):
         if pretrained is not None:  # mmseg's EncoderDecoder(pretrained=...) passes it down
-            if init_cfg is not None:
+            if init_cfg is not None and not _is_empty_pretrained(init_cfg):
                 raise ValueError("give the backbone either init_cfg or pretrained, not both")
             init_cfg = dict(type="Pretrained", checkpoint=pretrained)
-        super().__init__(init_cfg=init_cfg)
         if core_op not in CORE_OPS:
             raise ValueError(f"core_op must be one of {sorted(CORE_OPS)}, got {core_op!r}")
         if drop_path_type not in ("linear", "uniform"):
             raise ValueError(f"drop_path_type must be 'linear' or 'uniform', got {drop_path_type!r}")
-        if len(depths) != len(groups):
-            raise ValueError(f"depths and groups need one entry per stage, got {depths} and {groups}")
+        check_settings(channels=channels, depths=depths, groups=groups, mlp_ratio=mlp_ratio, drop_rate=drop_rate,
+                       drop_path_rate=drop_path_rate, layer_scale=layer_scale, offset_scale=offset_scale,
+                       dw_kernel_size=dw_kernel_size, level2_post_norm=level2_post_norm,
+                       level2_post_norm_block_ids=level2_post_norm_block_ids, out_indices=out_indices,
+                       frozen_stages=frozen_stages)
+        super().__init__(init_cfg=init_cfg)
         self.core_op = core_op
         self.num_levels = len(depths)
         self.depths = list(depths)
@@ -237,8 +322,6 @@ class InternImage(BaseModule):
         self.post_norm = post_norm
         self.mlp_ratio = mlp_ratio
         self.level2_post_norm_block_ids = level2_post_norm_block_ids
-        if any(i < 0 or i >= self.num_levels for i in self.out_indices):
-            raise ValueError(f"out_indices must be in [0, {self.num_levels}), got {self.out_indices}")
 
         self.patch_embed = StemLayer(3, channels, act_layer=act_layer, norm_layer=norm_layer)
         self.pos_drop = nn.Dropout(p=drop_rate)
@@ -276,7 +359,18 @@ class InternImage(BaseModule):
     def init_weights(self):
         """Load ``init_cfg=dict(type='Pretrained', checkpoint=...)`` through the project's
         converter (any official or converted format); other init configs go to mmengine."""
-        if self.init_cfg is not None and self.init_cfg.get("type") == "Pretrained":
+        if _is_empty_pretrained(self.init_cfg):
+            # No checkpoint given: initialise exactly as with init_cfg=None (train from scratch).
+            print_log("InternImage: init_cfg Pretrained without a checkpoint, so no weights to load: "
+                      "training the backbone from scratch (set model.backbone.init_cfg.checkpoint=PATH "
+                      "to start from a checkpoint)", logger="current")
+            init_cfg, self.init_cfg = self.init_cfg, None
+            try:
+                super().init_weights()
+            finally:
+                self.init_cfg = init_cfg
+            return
+        if isinstance(self.init_cfg, dict) and self.init_cfg.get("type") == "Pretrained":
             from internimage.checkpoint import load_backbone_weights
 
             load_backbone_weights(self, self.init_cfg["checkpoint"],

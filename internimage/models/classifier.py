@@ -5,7 +5,7 @@ from torch import nn
 
 from ops_dcnv3.modules import build_act_layer, build_norm_layer
 
-from .backbone import InternImage
+from .backbone import InternImage, _is_int, _is_number
 
 
 class CrossAttention(nn.Module):
@@ -71,15 +71,26 @@ class InternImageClassifier(InternImage):
     pool with attention, normalise (``fc_norm``) and classify.
 
     Takes the backbone's arguments (see :class:`InternImage`) plus ``num_classes``,
-    ``cls_scale`` and ``use_clip_projector``; ``forward(x)`` returns logits.
+    ``cls_scale`` and ``use_clip_projector``; ``forward(x)`` returns logits. Settings that
+    cannot build a working model are a ``ValueError`` naming the argument. The defaults
+    are InternImage-T's architecture (the official class's defaults, groups 3/6/12/24 on
+    64 channels, do not divide the channels and cannot be built).
     """
 
-    def __init__(self, core_op="DCNv3", channels=64, depths=(3, 4, 18, 5), groups=(3, 6, 12, 24),
+    def __init__(self, core_op="DCNv3", channels=64, depths=(4, 4, 18, 4), groups=(4, 8, 16, 32),
                  num_classes=1000, mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.2, drop_path_type="linear",
                  act_layer="GELU", norm_layer="LN", layer_scale=None, offset_scale=1.0, post_norm=False,
                  cls_scale=1.5, with_cp=False, dw_kernel_size=None, use_clip_projector=False,
                  level2_post_norm=False, level2_post_norm_block_ids=None, res_post_norm=False,
                  center_feature_scale=False, remove_center=False, **kwargs):
+        if not _is_int(num_classes) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0: no classifier, features only), "
+                             f"got {num_classes!r}")
+        if not _is_number(cls_scale) or cls_scale <= 0:
+            raise ValueError(f"cls_scale must be a number > 0, got {cls_scale!r}")
+        if not use_clip_projector and _is_int(channels) and channels > 0 and int(channels * 8 * cls_scale) < 1:
+            raise ValueError(f"cls_scale={cls_scale!r} leaves the classification head no channels "
+                             f"(int({channels * 8} * {cls_scale}) = 0)")
         super().__init__(core_op=core_op, channels=channels, depths=depths, groups=groups, mlp_ratio=mlp_ratio,
                          drop_rate=drop_rate, drop_path_rate=drop_path_rate, drop_path_type=drop_path_type,
                          act_layer=act_layer, norm_layer=norm_layer, layer_scale=layer_scale,
