@@ -1,23 +1,20 @@
-"""Register InternImage into the OpenMMLab model registries that are installed."""
-import importlib.util
+"""``type='InternImage'`` for OpenMMLab configs, without importing mmdet or mmseg.
 
-from .models import InternImage
+InternImage is registered in mmengine's root ``MODELS``; mmdet's and mmseg's ``MODELS`` are
+its children and search their ancestors for a type they do not hold, so
+``backbone=dict(type='InternImage', ...)`` builds in either, as ``mmdet::`` / ``mmseg::``
+scoped configs expect.
+"""
+from mmengine.registry import MODELS
+
+from .models import InternImage, InternImageClassifier
 
 
 def register_all():
-    """Add ``type='InternImage'`` to mmdet's and mmseg's MODELS (each only if installed)."""
-    for scope in ("mmdet", "mmseg"):
-        try:
-            registry = __import__(f"{scope}.registry", fromlist=["MODELS"]).MODELS
-        except ImportError:
-            continue
-        if registry.module_dict.get("InternImage") is not InternImage:
-            registry.register_module(name="InternImage", module=InternImage, force=True)
+    """Register the models in mmengine's root ``MODELS`` (idempotent)."""
+    for name, module in (("InternImage", InternImage), ("InternImageClassifier", InternImageClassifier)):
+        if MODELS.module_dict.get(name) is not module:
+            MODELS.register_module(name=name, module=module, force=True)
 
 
 register_all()
-
-if importlib.util.find_spec("mmdet") is not None:  # COCO dataset checks
-    from . import det_datasets  # noqa: F401
-if importlib.util.find_spec("mmseg") is not None:  # ADE20K dataset checks
-    from . import seg_datasets  # noqa: F401

@@ -9,7 +9,7 @@ import torch
 import internimage
 from internimage import InternImage, InternImageClassifier, build_model
 from internimage.checkpoint import HEAD_PREFIXES
-from internimage.variants import VARIANTS
+from internimage.models.variants import ARCH_SETTINGS, PRETRAINED_CFGS, VARIANTS
 
 FIXTURES = Path(__file__).resolve().parent / "data" / "official"
 
@@ -33,9 +33,8 @@ def test_state_dict_matches_official_layout(official_shapes, variant):
     assert shapes == official["state_dict"]
     assert sum(p.numel() for p in model.parameters()) == official["num_params"]
     # The backbone is the same minus the classification head.
-    backbone_kwargs = {k: v for k, v in VARIANTS[variant].items() if k != "use_clip_projector"}
     with torch.device("meta"):
-        backbone = InternImage(**backbone_kwargs)
+        backbone = InternImage(arch=variant, layer_scale=VARIANTS[variant]["layer_scale"])
     expected = {k: v for k, v in official["state_dict"].items() if not k.startswith(HEAD_PREFIXES)}
     assert {k: list(v.shape) for k, v in backbone.state_dict().items()} == expected
     # The official constructor kwargs recorded with the fixture give the same model.
@@ -137,7 +136,7 @@ def test_layer_scale_one_missing_from_checkpoint_is_logged_once(tmp_path, monkey
     config["layer_scale"] = 1.0
     backbone = InternImage(**config, init_cfg=dict(type="Pretrained", checkpoint=str(path))).double()
     messages = []
-    monkeypatch.setattr(internimage.checkpoint, "print_log", lambda msg, **kwargs: messages.append(msg))
+    monkeypatch.setattr(internimage.checkpoint.loading, "print_log", lambda msg, **kwargs: messages.append(msg))
     backbone.init_weights()
     log = "\n".join(messages)
     lines = [line for line in messages if "layer-scale" in line]
@@ -262,8 +261,72 @@ def test_memory_saving_mlp_same_results_less_saved():
         grad.sum().backward()
     # inference, dropout and autocast take the plain path
     assert mlp._saves_memory(x) and not MLPLayer(16, 64, drop=0.1)._saves_memory(x)
-    handle = mlp.fc1.register_forward_hook(lambda *args: None)  # hooks see the plain layers
-    assert not mlp._saves_memory(x)
+    calls = []
+    handle = mlp.fc1.register_forward_hook(lambda *args: calls.append(1))  # hooks see the plain layers
+    mlp(x)
+    mlp.eval()(x)
+    mlp.train()
+    assert calls == [1, 1]
     handle.remove()
     with torch.no_grad():
         assert not mlp._saves_memory(x)
+
+
+def test_arch_fills_the_architecture_and_keywords_override():
+    with torch.device("meta"):
+        l_arch = InternImage(arch="l")
+        assert (l_arch.channels, l_arch.depths, l_arch.post_norm) == (160, [5, 5, 22, 5], True)
+        assert l_arch.levels[0].blocks[0].dcn.offset_scale == 2.0
+        # An explicit setting wins over the arch; a dict arch works like a name.
+        assert InternImage(arch="l", offset_scale=1.0).levels[0].blocks[0].dcn.offset_scale == 1.0
+        tiny = InternImage(arch=dict(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8]))
+        assert (tiny.channels, tiny.depths, tiny.post_norm) == (16, [1, 1, 2, 1], False)
+        h = InternImage(arch="h")
+        assert h.levels[2].post_norm_block_ids == [5, 11, 17, 23, 29]
+        assert h.levels[0].blocks[0].dcn.dw_kernel_size == 5 and h.levels[0].blocks[0].res_post_norm
+        # The arch's level-2 norms can be switched off; ids without level2_post_norm are an error.
+        assert InternImage(arch="h", level2_post_norm=False).levels[2].post_norm_block_ids is None
+    with pytest.raises(ValueError, match="level2_post_norm_block_ids is only used with level2_post_norm=True"):
+        InternImage(arch="t", level2_post_norm_block_ids=[1])
+    with pytest.raises(ValueError, match="not architecture settings: \\['drop_path_rate'\\]"):
+        InternImage(arch=dict(channels=16, drop_path_rate=0.1))
+    with pytest.raises(KeyError, match="unknown InternImage variant 'q'"):
+        InternImage(arch="q")
+
+
+def test_every_release_names_a_known_architecture_and_an_official_file():
+    for name, release in PRETRAINED_CFGS.items():
+        assert release["arch"] in ARCH_SETTINGS and name.startswith(f"internimage_{release['arch']}_")
+        assert release["url"].startswith("https://huggingface.co/OpenGVLab/InternImage/resolve/main/")
+        assert release["url"].endswith(".pth")
+
+
+def test_classifier_has_the_timm_interface():
+    torch.manual_seed(0)
+    model = InternImageClassifier(arch=dict(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8]),
+                                  num_classes=5).eval()
+    x = torch.rand(2, 3, 64, 64)
+    features = model.forward_features(x)
+    assert features.shape == (2, 128, 2, 2)  # the last stage, NCHW
+    pooled = model.forward_head(features, pre_logits=True)
+    assert pooled.shape == (2, int(128 * 1.5))
+    assert torch.equal(model.forward_head(features), model.head(pooled))
+    assert torch.equal(model(x), model.head(pooled))
+    # H/G head: forward_features is the fused map that the attention projector pools.
+    clip = InternImageClassifier(arch=dict(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8]),
+                                 use_clip_projector=True, num_classes=5).eval()
+    fused = clip.forward_features(x)
+    assert fused.shape == (2, 1024, 4, 4)
+    assert clip.forward_head(fused, pre_logits=True).shape == (2, 768)
+    assert torch.equal(clip(x), clip.forward_head(fused))
+
+
+def test_classifier_pretrained_init_cfg_loads_the_head(tmp_path):
+    arch = dict(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8])
+    source = InternImageClassifier(arch=arch, num_classes=5)
+    torch.save({"model": source.state_dict()}, tmp_path / "cls.pth")
+    model = InternImageClassifier(arch=arch, num_classes=5,
+                                  init_cfg=dict(type="Pretrained", checkpoint=str(tmp_path / "cls.pth")))
+    model.init_weights()
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key

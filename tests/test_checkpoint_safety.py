@@ -18,9 +18,9 @@ from mmengine.runner import CheckpointLoader, load_checkpoint
 
 import internimage
 from internimage.checkpoint import load_file, verify_hash_in_name
-from internimage.publish import publish_checkpoint
-from internimage.runner_utils import find_resume_checkpoint
-from internimage.synthetic import make_coco_shapes
+from internimage.checkpoint.publish import publish_checkpoint
+from internimage.datasets.synthetic import make_coco_shapes
+from internimage.engine.runner_utils import find_resume_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "mask-rcnn_internimage-tiny_shapes.py"
@@ -245,7 +245,7 @@ def test_resume_cleans_only_regular_temporaries_inside_the_work_dir(tmp_path):
 
 
 def test_atomic_write_never_follows_a_planted_temporary(tmp_path):
-    from internimage.fileio import atomic_write
+    from internimage.engine.fileio import atomic_write
 
     target = tmp_path / "epoch_1.pth"
     victim = tmp_path / "victim"

@@ -13,7 +13,7 @@ import pytest
 from mmengine.registry import init_default_scope
 
 import internimage  # noqa: F401
-from internimage.synthetic import make_ade_shapes, make_coco_shapes
+from internimage.datasets.synthetic import make_ade_shapes, make_coco_shapes
 
 CLASSES = ("circle", "square", "triangle")
 
@@ -140,7 +140,7 @@ def test_flat_polygon_list_is_rejected(coco):
 def test_bad_boxes_and_polygons_are_skipped_counted_and_logged(coco, monkeypatch):
     from mmdet.datasets import CocoDataset
 
-    import internimage.det_datasets as det_datasets
+    import internimage.datasets.coco as det_datasets
 
     logged = []
     monkeypatch.setattr(det_datasets, "print_log", lambda message, **kwargs: logged.append((message, kwargs)))

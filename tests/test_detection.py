@@ -14,9 +14,11 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 import internimage  # noqa: F401
-from internimage.optim import layer_id
-from internimage.runner_utils import use_cpu_sync_bn_free_norms
-from internimage.synthetic import make_coco_shapes
+from internimage.datasets.synthetic import make_coco_shapes
+from internimage.engine.optimizers import layer_id
+from internimage.engine.runner_utils import replace_sync_bn_with_bn
+from internimage.models.backbone import resolve_arch
+from internimage.models.variants import ARCH_KEYS, pretrained_url
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "mask-rcnn_internimage-tiny_shapes.py"
@@ -49,10 +51,12 @@ def test_detection_config_builds_with_official_recipe(name):
     channels, drop_path, layer_scale, offset_scale, post_norm, lr, num_layers, decay, epochs = RECIPES[name]
     cfg = Config.fromfile(str(REPO / "configs" / name))
     backbone = cfg.model.backbone
-    assert (backbone.type, backbone.channels, backbone.drop_path_rate, backbone.layer_scale,
-            backbone.offset_scale, backbone.post_norm) == ("InternImage", channels, drop_path, layer_scale,
-                                                           offset_scale, post_norm)
-    assert backbone.init_cfg.type == "Pretrained" and backbone.init_cfg.checkpoint.endswith(".pth")
+    arch = resolve_arch(backbone.arch, **{k: backbone.get(k) for k in ARCH_KEYS})
+    assert (backbone.type, arch["channels"], backbone.drop_path_rate, backbone.layer_scale,
+            arch["offset_scale"], arch["post_norm"]) == ("InternImage", channels, drop_path, layer_scale,
+                                                         offset_scale, post_norm)
+    assert backbone.init_cfg.type == "Pretrained" and backbone.init_cfg.checkpoint.startswith("internimage://")
+    assert pretrained_url(backbone.init_cfg.checkpoint[len("internimage://"):]).endswith(".pth")
     assert cfg.model.neck.in_channels == [channels * 2 ** i for i in range(4)]
     assert cfg.optim_wrapper.optimizer.type == "AdamW" and cfg.optim_wrapper.optimizer.lr == lr
     assert cfg.optim_wrapper.optimizer.weight_decay == 0.05
@@ -63,7 +67,7 @@ def test_detection_config_builds_with_official_recipe(name):
     init_default_scope("mmdet")
     for transform in cfg.train_dataloader.dataset.pipeline + cfg.test_dataloader.dataset.pipeline:
         TRANSFORMS.build(transform)
-    use_cpu_sync_bn_free_norms(cfg)
+    replace_sync_bn_with_bn(cfg)
     backbone.init_cfg = None  # no download in tests
     model = MODELS.build(cfg.model)
     assert sum(p.numel() for p in model.backbone.parameters()) > 0
@@ -267,7 +271,8 @@ def test_sigkill_mid_training_then_resume_continues_exactly(shapes_coco, uninter
 def test_kill_during_checkpoint_save_never_leaves_a_checkpoint_to_resume_from(shapes_coco, uninterrupted, tmp_path):
     work_dir = tmp_path / "crashed"
     crash = "default_hooks.checkpoint.backend_args.backend=crash_on_second_save"
-    code, log = run_tool(train_cmd(work_dir, *LONG, crash, "custom_imports.imports=[internimage,crash_backend]"),
+    imports = "custom_imports.imports=[internimage.engine,internimage.datasets,crash_backend]"
+    code, log = run_tool(train_cmd(work_dir, *LONG, crash, imports),
                          shapes_coco, expect_ok=False)
     assert code == -signal.SIGKILL, log[-3000:]
     names = sorted(p.name for p in work_dir.iterdir() if ".pth" in p.name)
@@ -387,7 +392,7 @@ def test_layer_decay_learning_rates_post_norm_variant():
 
     cfg = Config.fromfile(str(REPO / "configs/cascade_mask_rcnn/cascade-mask-rcnn_internimage-l_fpn_3x_coco.py"))
     init_default_scope("mmdet")
-    use_cpu_sync_bn_free_norms(cfg)
+    replace_sync_bn_with_bn(cfg)
     cfg.model.backbone.init_cfg = None
     with torch.device("meta"):
         model = MODELS.build(cfg.model)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from internimage.flops import classifier_complexity
+from internimage.checkpoint.flops import classifier_complexity
 
 REPO = Path(__file__).resolve().parents[1]
 # Official parameter counts and FLOPs by the official counting rule (SPEC.md section 4).

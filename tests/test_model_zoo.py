@@ -14,7 +14,7 @@ from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
 
 import internimage
-from internimage.runner_utils import use_cpu_sync_bn_free_norms
+from internimage.engine.runner_utils import replace_sync_bn_with_bn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_metafile_entry_builds_with_its_parameter_count(model):
             assert (REPO / config).exists(), config
             cfg = Config.fromfile(str(REPO / config))
             init_default_scope(cfg.default_scope)
-            use_cpu_sync_bn_free_norms(cfg)
+            replace_sync_bn_with_bn(cfg)
             cfg.model.backbone.init_cfg = None
             built = MODELS.build(cfg.model)
         else:
@@ -66,7 +66,7 @@ def test_synthetic_coco_annotations_are_valid(tmp_path):
     from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
 
-    from internimage.synthetic import make_coco_shapes
+    from internimage.datasets.synthetic import make_coco_shapes
 
     paths = make_coco_shapes(str(tmp_path), num_train=6, num_val=2, size=96, seed=3)
     coco = COCO(paths["train"])
@@ -90,3 +90,12 @@ def test_synthetic_coco_annotations_are_valid(tmp_path):
         pixels = image[coco.annToMask(ann).astype(bool)]
         assert (pixels == pixels[0]).all()
     json.loads(Path(paths["val"]).read_text())
+
+
+def test_classification_weights_are_the_variant_tables_releases():
+    from internimage.models.variants import pretrained_url
+
+    with open(REPO / "configs" / "classification" / "metafile.yml") as f:
+        models = yaml.safe_load(f)["Models"]
+    assert {m["Name"]: m["Weights"] for m in models} == {
+        f"internimage_{v}": pretrained_url(v) for v in ("t", "s", "b", "l", "xl", "h", "g")}

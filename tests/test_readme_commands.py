@@ -14,7 +14,7 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 import internimage  # noqa: F401
-from internimage.synthetic import make_coco_shapes
+from internimage.datasets.synthetic import make_coco_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -61,7 +61,7 @@ def build_quickstart_detector():
 def published(tmp_path_factory):
     """A quickstart detector's weights (every one shifted off any fresh initialisation),
     published the way tools/publish_model.py does: ``NAME-<sha256[:8]>.pth``."""
-    from internimage.publish import publish_checkpoint
+    from internimage.checkpoint.publish import publish_checkpoint
 
     root = tmp_path_factory.mktemp("readme")
     torch.manual_seed(1234)
@@ -87,7 +87,7 @@ def run_readme_command(marker, published, shapes_data, tmp_path):
     checkpoint, _ = published
     work_dir = tmp_path / "work"
     args = as_test_command(readme_train_command(marker), checkpoint, work_dir)
-    env = dict(os.environ, INTERNIMAGE_QUICKSTART_DATA=shapes_data, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, INTERNIMAGE_SHAPES_COCO=shapes_data, PYTHONUNBUFFERED="1")
     result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]

@@ -13,7 +13,7 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 import internimage  # noqa: F401
-from internimage.synthetic import make_coco_shapes
+from internimage.datasets.synthetic import make_coco_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "mask-rcnn_internimage-tiny_shapes.py"
@@ -34,7 +34,7 @@ def trained_checkpoint(tmp_path_factory):
 
 
 def test_publish_strips_training_state_and_names_by_hash(trained_checkpoint, tmp_path):
-    from internimage.publish import sha256_of
+    from internimage.checkpoint.publish import sha256_of
 
     ckpt, _ = trained_checkpoint
     out = subprocess.run([sys.executable, "tools/publish_model.py", str(ckpt), str(tmp_path / "tiny_det.pth")],
@@ -55,8 +55,8 @@ def test_publish_strips_training_state_and_names_by_hash(trained_checkpoint, tmp
 
 def test_corrupted_release_is_refused(trained_checkpoint, tmp_path):
     from internimage.checkpoint import load_file
-    from internimage.publish import publish_checkpoint
-    from internimage.runner_utils import check_checkpoint_argument
+    from internimage.checkpoint.publish import publish_checkpoint
+    from internimage.engine.runner_utils import check_checkpoint_argument
 
     ckpt, _ = trained_checkpoint
     published = publish_checkpoint(str(ckpt), str(tmp_path / "rel.pth"))
@@ -74,7 +74,7 @@ def test_fine_tune_from_release_with_other_class_count(trained_checkpoint, tmp_p
     from mmdet.registry import MODELS
     from mmengine.runner import load_checkpoint
 
-    from internimage.publish import publish_checkpoint
+    from internimage.checkpoint.publish import publish_checkpoint
 
     ckpt, _ = trained_checkpoint
     published = publish_checkpoint(str(ckpt), str(tmp_path / "rel.pth"))

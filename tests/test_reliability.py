@@ -11,9 +11,9 @@ import torch
 from mmengine.model import BaseModel
 
 import internimage  # noqa: F401
-from internimage import hooks
-from internimage.fileio import AtomicLocalBackend, atomic_write
-from internimage.runner_utils import find_resume_checkpoint, is_complete_checkpoint
+from internimage.engine import hooks
+from internimage.engine.fileio import AtomicLocalBackend, atomic_write
+from internimage.engine.runner_utils import find_resume_checkpoint, is_complete_checkpoint
 
 
 def test_atomic_write_replaces_whole_file_or_nothing(tmp_path, monkeypatch):
@@ -38,7 +38,7 @@ def test_mmengine_checkpoint_saving_goes_through_the_atomic_backend(tmp_path, mo
     from mmengine.runner.checkpoint import save_checkpoint
 
     calls = []
-    monkeypatch.setattr(internimage.fileio, "atomic_write", lambda data, path, **kw: calls.append(path))
+    monkeypatch.setattr(internimage.engine.fileio, "atomic_write", lambda data, path, **kw: calls.append(path))
     save_checkpoint({"state_dict": {}}, str(tmp_path / "epoch_1.pth"), backend_args=dict(backend="local_atomic"))
     assert calls == [str(tmp_path / "epoch_1.pth")]
 
@@ -224,7 +224,7 @@ def test_resume_looks_in_the_folder_last_checkpoint_names(tmp_path):
 def test_checkpoint_folder_follows_the_hook_out_dir(tmp_path):
     from mmengine.config import Config
 
-    from internimage.runner_utils import checkpoint_folder
+    from internimage.engine.runner_utils import checkpoint_folder
 
     cfg = Config(dict(work_dir=str(tmp_path / "work_dirs" / "exp"), default_hooks=dict(checkpoint=dict(
         type="CheckpointHook", out_dir=str(tmp_path / "ckpts")))))

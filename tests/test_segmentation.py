@@ -14,8 +14,10 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 import internimage  # noqa: F401
-from internimage.runner_utils import use_cpu_sync_bn_free_norms
-from internimage.synthetic import make_ade_shapes
+from internimage.datasets.synthetic import make_ade_shapes
+from internimage.engine.runner_utils import replace_sync_bn_with_bn
+from internimage.models.backbone import resolve_arch
+from internimage.models.variants import ARCH_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "upernet_internimage-tiny_shapes.py"
@@ -55,7 +57,8 @@ def test_segmentation_config_builds_model_and_dataloaders(name, shapes_ade):
     crop, drop_path, layer_scale, offset_scale, post_norm, lr, num_layers, decay, params = RECIPES[name]
     cfg = Config.fromfile(str(REPO / "configs" / "upernet" / name))
     backbone = cfg.model.backbone
-    assert (backbone.drop_path_rate, backbone.layer_scale, backbone.offset_scale, backbone.post_norm) == (
+    arch = resolve_arch(backbone.arch, **{k: backbone.get(k) for k in ARCH_KEYS})
+    assert (backbone.drop_path_rate, backbone.layer_scale, arch["offset_scale"], arch["post_norm"]) == (
         drop_path, layer_scale, offset_scale, post_norm)
     assert backbone.init_cfg.type == "Pretrained"
     assert cfg.model.data_preprocessor.size == (crop, crop)
@@ -69,7 +72,7 @@ def test_segmentation_config_builds_model_and_dataloaders(name, shapes_ade):
     assert cfg.model.decode_head.norm_cfg.type == "SyncBN"
 
     init_default_scope("mmseg")
-    use_cpu_sync_bn_free_norms(cfg)
+    replace_sync_bn_with_bn(cfg)
     backbone.init_cfg = None
     with torch.device("meta"):  # full-size H and G without allocating their weights
         model = MODELS.build(cfg.model)
@@ -141,7 +144,7 @@ def test_mmseg0_checkpoint_gives_the_same_logits(tmp_path):
 
     cfg = Config.fromfile(str(TINY))
     init_default_scope("mmseg")
-    use_cpu_sync_bn_free_norms(cfg)
+    replace_sync_bn_with_bn(cfg)
     torch.manual_seed(0)
     source = MODELS.build(cfg.model).eval()
     for p in source.parameters():

@@ -40,7 +40,7 @@ BAD_SETTINGS = [
     (dict(offset_scale=-1.0), r"offset_scale must be a number >= 0, got -1\.0"),
     (dict(offset_scale="large"), r"offset_scale .*got 'large'"),
     (dict(offset_scale=float("nan")), r"offset_scale .*got nan"),
-    (dict(offset_scale=None), r"offset_scale .*got None"),
+    (dict(offset_scale="2"), r"offset_scale .*got '2'"),
     (dict(layer_scale=-1e-5), r"layer_scale must be None .* or a number >= 0, got -1e-05"),
     (dict(layer_scale="1e-5"), r"layer_scale .*got '1e-5'"),
     (dict(layer_scale=float("inf")), r"layer_scale .*got inf"),
@@ -120,7 +120,7 @@ def test_classifier_defaults_build():
 
 
 def test_flops_shape_is_checked():
-    from internimage.flops import check_input_shape, classifier_complexity
+    from internimage.checkpoint.flops import check_input_shape, classifier_complexity
 
     with pytest.raises(ValueError, match=r"height and width must be integers >= 32 .*got 0 x 0"):
         classifier_complexity("t", 0, 0)
@@ -153,7 +153,7 @@ def detector_files(tmp_path_factory):
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
-    from internimage.synthetic import render_scene
+    from internimage.datasets.synthetic import render_scene
 
     root = tmp_path_factory.mktemp("demo")
     config = REPO / "tests" / "configs" / "mask-rcnn_internimage-tiny_shapes.py"

@@ -13,15 +13,12 @@ worthwhile on CPUs with native bfloat16 arithmetic, e.g. AVX512-BF16 or AMX).
 """
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from internimage.utils.benchmark import peak_rss_growth
 
 MODELS = ("internimage_t", "internimage_t_reference", "convnext_tiny", "swin_tiny")
 # (name, batch, H, W, mode); mode: inference | train | backbone | bf16 (autocast inference)
@@ -41,12 +38,10 @@ def build(name, mode):
     import timm
 
     from internimage import InternImage, build_model
-    from internimage.variants import backbone_config
-
     core = "DCNv3_pytorch" if name.endswith("_reference") else "DCNv3"
     if name.startswith("internimage"):
         if mode == "backbone":
-            return InternImage(core_op=core, **backbone_config("t", drop_path_rate=0.0))
+            return InternImage(arch="t", core_op=core, drop_path_rate=0.0)
         return build_model("internimage_t", core_op=core, drop_path_rate=0.0)
     timm_name = {"convnext_tiny": "convnext_tiny", "swin_tiny": "swin_tiny_patch4_window7_224"}[name]
     if mode == "backbone":
@@ -96,33 +91,14 @@ def time_models(names, case, repeats):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-_MEMORY_PROBE = """
-import sys, torch
-sys.path.insert(0, {root!r})
-from tools.benchmark import BF16_CASES, CASES, build, make_step
-
-def status(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-torch.set_num_threads({threads})
-case = (CASES + BF16_CASES)[{case}]
-step = make_step(build({name!r}, case[4]), case[4], *case[1:4])
-step()
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-base = status("VmRSS:")
-step()
-print(status("VmHWM:") - base)
-"""
+def memory_step(name, case_index):
+    """The step whose peak memory ``--memory`` reports (built in a fresh process)."""
+    case = (CASES + BF16_CASES)[case_index]
+    return make_step(build(name, case[4]), case[4], *case[1:4])
 
 
 def peak_memory_mb(name, case_index, threads):
-    code = _MEMORY_PROBE.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), threads=threads,
-                                case=case_index, name=name)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    return peak_rss_growth(__file__, "memory_step", dict(name=name, case_index=case_index), threads) / 2**20
 
 
 def main():

@@ -17,15 +17,13 @@ time, as a fraction of the copy's bandwidth.
 """
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
 import ops_dcnv3
+from internimage.utils.benchmark import peak_rss_growth
 
 STAGES = [  # (name, H=W, channels, groups)
     ("stage1 56x56x64 G4", 56, 64, 4),
@@ -70,38 +68,16 @@ def time_op(impl, mode, size, channels, groups, repeats):
     return statistics.median(times)
 
 
-_MEMORY_PROBE = """
-import sys, torch
-sys.path.insert(0, {root!r})
-from tools.benchmark_dcnv3 import IMPLS, make_inputs, run_once
-
-def status(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-torch.set_num_threads({threads})
-tensors, params = make_inputs({size}, {channels}, {groups}, requires_grad={grad})
-run_once(IMPLS[{impl!r}], {mode!r}, tensors, params)  # warm-up: one-time set-up (autograd engine...)
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-base = status("VmRSS:")
-run_once(IMPLS[{impl!r}], {mode!r}, tensors, params)
-print(status("VmHWM:") - base)
-"""
+def memory_step(size, channels, groups, impl, mode):
+    """One call of ``impl`` on inputs it already holds (built in a fresh process)."""
+    tensors, params = make_inputs(size, channels, groups, requires_grad=mode != "forward")
+    return lambda: run_once(IMPLS[impl], mode, tensors, params)
 
 
 def peak_extra_memory(impl_name, mode, size, channels, groups, threads):
-    """Peak RSS growth (bytes) of one call in a fresh interpreter (Linux).
-
-    Allocations of 64 KiB and more are mmap-ed fresh (MALLOC_MMAP_THRESHOLD_), so memory
-    freed by the import cannot hide the call's own peak.
-    """
-    code = _MEMORY_PROBE.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                threads=threads, size=size, channels=channels, groups=groups,
-                                grad=mode != "forward", impl=impl_name, mode=mode)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
-    return int(out.stdout.strip().splitlines()[-1]) * 1024
+    """Peak RSS growth (bytes) of one call in a fresh interpreter (Linux)."""
+    return peak_rss_growth(__file__, "memory_step", dict(size=size, channels=channels, groups=groups,
+                                                         impl=impl_name, mode=mode), threads)
 
 
 def forward_work(size, channels, groups, batch=2):

@@ -9,20 +9,17 @@ config is its whole detector or segmentor. See internimage/flops.py for the coun
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mmengine.config import Config
 
-from mmengine.config import Config  # noqa: E402
-
-from internimage.flops import MIN_SIZE, classifier_complexity, config_complexity  # noqa: E402
-from internimage.variants import IMAGE_SIZE, VARIANTS  # noqa: E402
+from internimage.checkpoint.flops import MIN_SIZE, classifier_complexity, config_complexity
+from internimage.models.variants import ARCH_SETTINGS, DEFAULT_PRETRAINED, PRETRAINED_CFGS
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="mmdet/mmseg config file")
-    parser.add_argument("--variant", choices=list(VARIANTS), help="an InternImage classifier variant")
+    parser.add_argument("--variant", choices=list(ARCH_SETTINGS), help="an InternImage classifier variant")
     parser.add_argument("--shape", type=int, nargs="+", help="input H [W] (default: the variant's resolution, "
                         "or 1280x800 for a config)")
     parser.add_argument("--json", action="store_true", help='print one JSON object {"params", "flops", ...}')
@@ -38,7 +35,7 @@ def main():
     if args.config is not None and not os.path.isfile(args.config):
         parser.error(f"config file not found: {args.config}")
     if args.variant:
-        default = IMAGE_SIZE[args.variant]
+        default = PRETRAINED_CFGS[DEFAULT_PRETRAINED[args.variant]]["input_size"]
         height, width = (args.shape * 2)[:2] if args.shape is not None else (default, default)
         params, flops = classifier_complexity(args.variant, height, width)
         name = f"internimage_{args.variant}"

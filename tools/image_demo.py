@@ -9,10 +9,7 @@ created, and is writable.
 """
 import argparse
 import os
-import sys
 import tempfile
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def check_image(parser, path):
@@ -83,7 +80,7 @@ def main():
     from mmengine.config import Config
 
     import internimage  # noqa: F401  (registries, checkpoint loading)
-    from internimage.runner_utils import check_checkpoint_argument
+    from internimage.engine.runner_utils import check_checkpoint_argument
 
     check_checkpoint_argument(args.checkpoint)  # the hash a published file's name carries
     cfg = Config.fromfile(args.config)

@@ -5,11 +5,8 @@ versions, and name the file by its hash.
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from internimage.publish import publish_checkpoint  # noqa: E402
+from internimage.checkpoint.publish import publish_checkpoint
 
 
 def main():

@@ -16,14 +16,10 @@
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import internimage  # noqa: E402,F401
-from internimage.runner_utils import DictAction  # noqa: E402
-from internimage.synthetic import make_coco_shapes  # noqa: E402
+from internimage.datasets.synthetic import make_coco_shapes
+from internimage.engine.runner_utils import DictAction
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "quickstart", "mask-rcnn_internimage-mini_shapes.py")
@@ -100,10 +96,10 @@ def main():
     from mmengine.config import Config
     from mmengine.runner import Runner
 
-    from internimage.publish import publish_checkpoint
+    from internimage.checkpoint.publish import publish_checkpoint
 
     prepare_data(DATA)
-    os.environ["INTERNIMAGE_QUICKSTART_DATA"] = DATA + "/"
+    os.environ["INTERNIMAGE_SHAPES_COCO"] = DATA + "/"
     cfg = Config.fromfile(CONFIG)
     cfg.work_dir = args.work_dir
     cfg.randomness = dict(seed=args.seed)

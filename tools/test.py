@@ -10,17 +10,13 @@ model's weights is refused (evaluating it would measure a randomly initialised m
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mmengine.config import Config
+from mmengine.evaluator import DumpResults
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
 
-from mmengine.config import Config  # noqa: E402
-from mmengine.evaluator import DumpResults  # noqa: E402
-from mmengine.registry import RUNNERS  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
-
-import internimage  # noqa: E402,F401
-from internimage.runner_utils import (  # noqa: E402
+from internimage.engine.runner_utils import (
     DictAction,
     apply_common_args,
     check_checkpoint_argument,

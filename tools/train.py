@@ -5,17 +5,14 @@
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from mmengine.config import Config
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
 
-import torch  # noqa: E402
-from mmengine.config import Config  # noqa: E402
-from mmengine.registry import RUNNERS  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
-
-import internimage  # noqa: E402,F401  (registries, weights_only-safe checkpoint loading)
-from internimage.runner_utils import (  # noqa: E402
+import internimage  # noqa: F401  (registries, weights_only-safe checkpoint loading)
+from internimage.engine.runner_utils import (
     DictAction,
     apply_common_args,
     check_checkpoint_argument,

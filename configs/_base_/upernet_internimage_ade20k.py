@@ -10,25 +10,18 @@ _base_ = [
     'mmseg::_base_/default_runtime.py',
     'mmseg::_base_/schedules/schedule_160k.py',
 ]
-custom_imports = dict(imports=['internimage'], allow_failed_imports=False)
+custom_imports = dict(imports=['internimage', 'internimage.engine', 'internimage.datasets'], allow_failed_imports=False)
 crop_size = (512, 512)
-pretrained = 'https://huggingface.co/OpenGVLab/InternImage/resolve/main/internimage_t_1k_224.pth'
+pretrained = 'internimage://internimage_t_1k_224'  # official release, see internimage/models/variants.py
 model = dict(
     pretrained=None,
     data_preprocessor=dict(size=crop_size),
     backbone=dict(
         _delete_=True,
         type='InternImage',
-        core_op='DCNv3',
-        channels=64,
-        depths=[4, 4, 18, 4],
-        groups=[4, 8, 16, 32],
-        mlp_ratio=4.0,
+        arch='t',
         drop_path_rate=0.2,
-        norm_layer='LN',
         layer_scale=1.0,
-        offset_scale=1.0,
-        post_norm=False,
         with_cp=False,
         out_indices=(0, 1, 2, 3),
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
@@ -79,7 +72,7 @@ param_scheduler = [
     dict(type='PolyLR', power=1.0, eta_min=0.0, by_epoch=False, begin=1500, end=160000),
 ]
 auto_scale_lr = dict(enable=False, base_batch_size=16)
-# Atomic checkpoint writes, stop on a NaN/Inf loss, random states kept for exact resume.
+# tools/train.py adds what makes a run safe to kill and resume (atomic checkpoint writes,
+# NonFiniteLossHook, RandomStateHook): internimage.engine.runner_utils.make_training_reliable.
 default_hooks = dict(checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=16000, max_keep_ckpts=3,
-                                     save_best='mIoU', rule='greater', backend_args=dict(backend='local_atomic')))
-custom_hooks = [dict(type='NonFiniteLossHook'), dict(type='RandomStateHook')]
+                                     save_best='mIoU', rule='greater'))

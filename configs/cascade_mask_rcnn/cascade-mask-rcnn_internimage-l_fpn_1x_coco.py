@@ -4,8 +4,8 @@
 # as 4-conv + 1-fc heads with SyncBN, class-specific GIoU regression; 2 images per GPU on
 # 8 GPUs (auto_scale_lr for other totals), a checkpoint every epoch (last 3) and the best kept.
 _base_ = ['mmdet::cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py']
-custom_imports = dict(imports=['internimage'], allow_failed_imports=False)
-pretrained = 'https://huggingface.co/OpenGVLab/InternImage/resolve/main/internimage_l_22k_192to384.pth'
+custom_imports = dict(imports=['internimage', 'internimage.engine', 'internimage.datasets'], allow_failed_imports=False)
+pretrained = 'internimage://internimage_l_22k_384'  # official release, see internimage/models/variants.py
 
 
 def _bbox_head(stds):
@@ -30,16 +30,9 @@ model = dict(
     backbone=dict(
         _delete_=True,
         type='InternImage',
-        core_op='DCNv3',
-        channels=160,
-        depths=[5, 5, 22, 5],
-        groups=[10, 20, 40, 80],
-        mlp_ratio=4.0,
+        arch='l',
         drop_path_rate=0.4,
-        norm_layer='LN',
         layer_scale=1.0,
-        offset_scale=2.0,
-        post_norm=True,
         with_cp=True,
         out_indices=(0, 1, 2, 3),
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
@@ -61,10 +54,7 @@ train_dataloader = dict(batch_size=2, num_workers=2, dataset=dict(type='CheckedC
 val_dataloader = dict(dataset=dict(type='CheckedCocoDataset'))
 test_dataloader = dict(dataset=dict(type='CheckedCocoDataset'))
 auto_scale_lr = dict(enable=True, base_batch_size=16)
-# Checkpoints are written to a temporary file and renamed (a killed run never leaves a
-# truncated checkpoint under a checkpoint's name); a NaN/Inf loss stops training with the
-# iteration and loss terms named; random states are saved so --resume continues exactly.
+# tools/train.py adds what makes a run safe to kill and resume (atomic checkpoint writes,
+# NonFiniteLossHook, RandomStateHook): internimage.engine.runner_utils.make_training_reliable.
 default_hooks = dict(
-    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=3, save_best='coco/bbox_mAP', rule='greater',
-                    backend_args=dict(backend='local_atomic')))
-custom_hooks = [dict(type='NonFiniteLossHook'), dict(type='RandomStateHook')]
+    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=3, save_best='coco/bbox_mAP', rule='greater'))

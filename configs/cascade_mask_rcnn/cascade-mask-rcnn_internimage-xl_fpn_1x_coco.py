@@ -1,11 +1,7 @@
 # Cascade Mask R-CNN + FPN, InternImage-XL (ImageNet-22k), 1x schedule (official: 55.3 / 48.1).
 _base_ = ['./cascade-mask-rcnn_internimage-l_fpn_1x_coco.py']
-pretrained = 'https://huggingface.co/OpenGVLab/InternImage/resolve/main/internimage_xl_22k_192to384.pth'
+pretrained = 'internimage://internimage_xl_22k_384'  # official release, see internimage/models/variants.py
 model = dict(
-    backbone=dict(
-        channels=192,
-        depths=[5, 5, 24, 5],
-        groups=[12, 24, 48, 96],
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    backbone=dict(arch='xl', init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     neck=dict(in_channels=[192, 384, 768, 1536]))
 optim_wrapper = dict(paramwise_cfg=dict(num_layers=39))

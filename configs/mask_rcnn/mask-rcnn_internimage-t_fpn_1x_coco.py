@@ -4,22 +4,15 @@
 # (auto_scale_lr scales the lr for other totals), a checkpoint every epoch (last 3
 # kept) and the best bbox mAP kept.
 _base_ = ['mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py']
-custom_imports = dict(imports=['internimage'], allow_failed_imports=False)
-pretrained = 'https://huggingface.co/OpenGVLab/InternImage/resolve/main/internimage_t_1k_224.pth'
+custom_imports = dict(imports=['internimage', 'internimage.engine', 'internimage.datasets'], allow_failed_imports=False)
+pretrained = 'internimage://internimage_t_1k_224'  # official release, see internimage/models/variants.py
 model = dict(
     backbone=dict(
         _delete_=True,
         type='InternImage',
-        core_op='DCNv3',
-        channels=64,
-        depths=[4, 4, 18, 4],
-        groups=[4, 8, 16, 32],
-        mlp_ratio=4.0,
+        arch='t',
         drop_path_rate=0.2,
-        norm_layer='LN',
         layer_scale=1.0,
-        offset_scale=1.0,
-        post_norm=False,
         with_cp=False,
         out_indices=(0, 1, 2, 3),
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
@@ -36,10 +29,7 @@ train_dataloader = dict(batch_size=2, num_workers=2, dataset=dict(type='CheckedC
 val_dataloader = dict(dataset=dict(type='CheckedCocoDataset'))
 test_dataloader = dict(dataset=dict(type='CheckedCocoDataset'))
 auto_scale_lr = dict(enable=True, base_batch_size=16)
-# Checkpoints are written to a temporary file and renamed (a killed run never leaves a
-# truncated checkpoint under a checkpoint's name); a NaN/Inf loss stops training with the
-# iteration and loss terms named; random states are saved so --resume continues exactly.
+# tools/train.py adds what makes a run safe to kill and resume (atomic checkpoint writes,
+# NonFiniteLossHook, RandomStateHook): internimage.engine.runner_utils.make_training_reliable.
 default_hooks = dict(
-    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=3, save_best='coco/bbox_mAP', rule='greater',
-                    backend_args=dict(backend='local_atomic')))
-custom_hooks = [dict(type='NonFiniteLossHook'), dict(type='RandomStateHook')]
+    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=3, save_best='coco/bbox_mAP', rule='greater'))

@@ -1,5 +1,5 @@
 # The quickstart (`make demo`): Mask R-CNN with a small InternImage backbone trained from
-# scratch on CPU on synthetic shapes (internimage.synthetic, 128x128 images of circles,
+# scratch on CPU on synthetic shapes (internimage.datasets.synthetic, 128x128 images of circles,
 # squares and triangles generated into data/shapes_coco by tools/quickstart.py).
 # Same code path as the COCO configs (InternImage + DCNv3 kernels, FPN, Mask R-CNN heads,
 # layer-decay AdamW); sizes chosen to train in minutes on 2 cores:
@@ -9,7 +9,7 @@
 # nothing). To start it from a checkpoint's backbone (e.g. a published quickstart model):
 #   --cfg-options model.backbone.init_cfg.checkpoint=PATH
 _base_ = ['../mask_rcnn/mask-rcnn_internimage-t_fpn_1x_coco.py']
-data_root = '{{$INTERNIMAGE_QUICKSTART_DATA:data/shapes_coco/}}'
+data_root = '{{$INTERNIMAGE_SHAPES_COCO:data/shapes_coco/}}'
 metainfo = dict(classes=('circle', 'square', 'triangle'), palette=[(220, 20, 60), (0, 130, 200), (60, 180, 75)])
 image_size = 128
 model = dict(

@@ -5,7 +5,7 @@ checkpoints load unchanged (see :mod:`internimage.checkpoint`).
 """
 import math
 import numbers
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.utils.checkpoint as cp
@@ -18,7 +18,8 @@ import ops_dcnv3
 from ops_dcnv3.modules import build_act_layer, build_norm_layer
 from ops_dcnv3.packed_linear import linear, release_packed_weights
 
-from .memory import gelu_mlp
+from .gelu_mlp import gelu_mlp
+from .variants import ARCH_KEYS, arch_settings
 
 CORE_OPS = {"DCNv3": ops_dcnv3.DCNv3, "DCNv3_pytorch": ops_dcnv3.DCNv3_pytorch}
 
@@ -129,6 +130,14 @@ class DownsampleLayer(nn.Module):
 
 
 class MLPLayer(nn.Module):
+    """fc1 -> activation -> dropout -> fc2 -> dropout, on channels-last tokens.
+
+    With GELU and no hooks on its layers it takes a fused path: in training, the GELU is
+    recomputed in backward instead of stored (:mod:`internimage.models.gelu_mlp`); in
+    inference, oneDNN linears with the GELU fused (:mod:`ops_dcnv3.packed_linear`). Results
+    equal the plain path; hooks, tracing, dropout and autocast take the plain path.
+    """
+
     def __init__(self, in_features, hidden_features, act_layer="GELU", drop=0.0):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
@@ -149,16 +158,13 @@ class MLPLayer(nn.Module):
         return any(m._forward_hooks or m._forward_pre_hooks for m in (self.fc1, self.fc2, self.act))
 
     def _saves_memory(self, x):
-        """Training without dropout or autocast: recompute the GELU in backward instead of
-        storing its output (see :mod:`internimage.models.memory`). Not while tracing or
-        when hooks watch the layers."""
-        return (torch.is_grad_enabled() and isinstance(self.act, nn.GELU) and self.drop.p == 0.0
-                and not torch.jit.is_tracing() and not torch.is_autocast_enabled(x.device.type)
-                and (x.requires_grad or self.fc1.weight.requires_grad or self.fc2.weight.requires_grad)
-                and not self._hooked())
+        """Training without dropout or autocast, not tracing (the caller has checked the GELU and hooks)."""
+        return (torch.is_grad_enabled() and self.drop.p == 0.0 and not torch.jit.is_tracing()
+                and not torch.is_autocast_enabled(x.device.type)
+                and (x.requires_grad or self.fc1.weight.requires_grad or self.fc2.weight.requires_grad))
 
 
-class InternImageLayer(nn.Module):
+class InternImageBlock(nn.Module):
     """One block: DCNv3 token mixer and MLP, each with a residual connection.
 
     Pre-norm by default; ``post_norm`` normalises the branch output instead,
@@ -170,9 +176,6 @@ class InternImageLayer(nn.Module):
                  norm_layer="LN", post_norm=False, layer_scale=None, offset_scale=1.0, with_cp=False,
                  dw_kernel_size=None, res_post_norm=False, center_feature_scale=False, remove_center=False):
         super().__init__()
-        self.channels = channels
-        self.groups = groups
-        self.mlp_ratio = mlp_ratio
         self.with_cp = with_cp
         self.post_norm = post_norm
         self.res_post_norm = res_post_norm
@@ -184,8 +187,8 @@ class InternImageLayer(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = build_norm_layer(channels, "LN")
         self.mlp = MLPLayer(channels, int(channels * mlp_ratio), act_layer=act_layer, drop=drop)
-        self.layer_scale = layer_scale is not None
-        if self.layer_scale:
+        self.layer_scale = layer_scale
+        if layer_scale is not None:
             self.gamma1 = nn.Parameter(layer_scale * torch.ones(channels))
             self.gamma2 = nn.Parameter(layer_scale * torch.ones(channels))
         if res_post_norm:
@@ -202,8 +205,8 @@ class InternImageLayer(nn.Module):
         return y if gamma is None else gamma * y
 
     def _forward(self, x):
-        gamma1 = self.gamma1 if self.layer_scale else None
-        gamma2 = self.gamma2 if self.layer_scale else None
+        gamma1 = self.gamma1 if self.layer_scale is not None else None
+        gamma2 = self.gamma2 if self.layer_scale is not None else None
         x = x + self.drop_path(self._branch(x, self.dcn, self.norm1, getattr(self, "res_post_norm1", None), gamma1))
         x = x + self.drop_path(self._branch(x, self.mlp, self.norm2, getattr(self, "res_post_norm2", None), gamma2))
         return x
@@ -214,7 +217,7 @@ class InternImageLayer(nn.Module):
         return self._forward(x)
 
 
-class InternImageBlock(nn.Module):
+class InternImageStage(nn.Module):
     """One stage: ``depth`` blocks, optional level-2 post norms (H/G), final norm, downsampling."""
 
     def __init__(self, core_op, channels, depth, groups, downsample=True, mlp_ratio=4.0, drop=0.0,
@@ -222,13 +225,9 @@ class InternImageBlock(nn.Module):
                  layer_scale=None, with_cp=False, dw_kernel_size=None, post_norm_block_ids=None,
                  res_post_norm=False, center_feature_scale=False, remove_center=False):
         super().__init__()
-        self.channels = channels
-        self.depth = depth
-        self.post_norm = post_norm
-        self.center_feature_scale = center_feature_scale
         drop_paths = drop_path if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
         self.blocks = nn.ModuleList([
-            InternImageLayer(core_op=core_op, channels=channels, groups=groups, mlp_ratio=mlp_ratio, drop=drop,
+            InternImageBlock(core_op=core_op, channels=channels, groups=groups, mlp_ratio=mlp_ratio, drop=drop,
                              drop_path=drop_paths[i], act_layer=act_layer, norm_layer=norm_layer,
                              post_norm=post_norm, layer_scale=layer_scale, offset_scale=offset_scale,
                              with_cp=with_cp, dw_kernel_size=dw_kernel_size, res_post_norm=res_post_norm,
@@ -257,10 +256,37 @@ class InternImageBlock(nn.Module):
         return (x, features) if return_wo_downsample else x
 
 
+def resolve_arch(arch: Union[str, dict, None], **explicit) -> dict:
+    """The architecture settings of ``arch`` (a variant name or dict, default ``'t'``) with
+    the explicitly given ones (those not ``None``) on top, every key of
+    :data:`~internimage.models.variants.ARCH_KEYS` filled."""
+    settings = dict(offset_scale=1.0, post_norm=False, res_post_norm=False, dw_kernel_size=None,
+                    level2_post_norm=False, level2_post_norm_block_ids=None, center_feature_scale=False)
+    settings.update(arch_settings("t" if arch is None else arch))
+    missing = [k for k in ("channels", "depths", "groups") if k not in settings and explicit.get(k) is None]
+    if missing:
+        raise ValueError(f"an arch dict must give channels, depths and groups; missing {missing} in {arch!r}")
+    given = {k: v for k, v in explicit.items() if v is not None}
+    settings.update(given)
+    if not settings["level2_post_norm"]:
+        if given.get("level2_post_norm_block_ids") is not None:
+            raise ValueError("level2_post_norm_block_ids is only used with level2_post_norm=True, got "
+                             f"level2_post_norm_block_ids={given['level2_post_norm_block_ids']!r} and "
+                             "level2_post_norm=False")
+        settings["level2_post_norm_block_ids"] = None  # the arch's ids, switched off explicitly
+    return settings
+
+
 class InternImage(BaseModule):
     """InternImage backbone returning a list of NCHW feature maps (strides 4, 8, 16, 32).
 
     Args:
+        arch: the architecture: a variant name ``'t'``, ``'s'``, ``'b'``, ``'l'``, ``'xl'``,
+            ``'h'``, ``'g'`` (see :data:`internimage.models.variants.ARCH_SETTINGS`) or a dict
+            of architecture settings. It fills ``channels``, ``depths``, ``groups``,
+            ``offset_scale``, ``post_norm``, ``res_post_norm``, ``dw_kernel_size``,
+            ``level2_post_norm(_block_ids)`` and ``center_feature_scale``; any of these given
+            explicitly (not ``None``) overrides it. Default: ``'t'``.
         core_op: 'DCNv3' (compiled kernels) or 'DCNv3_pytorch' (pure-PyTorch reference).
         channels: channels C1 of the first stage; stage i has C1 * 2**i.
         depths, groups: blocks and DCNv3 groups per stage.
@@ -274,9 +300,9 @@ class InternImage(BaseModule):
         offset_scale: DCNv3 offset scale.
         post_norm: normalise branch outputs instead of inputs (S/B/L/XL/G).
         with_cp: gradient checkpointing per block (saves memory, costs a recompute).
-        dw_kernel_size: depthwise kernel of the DCNv3 offset branch (5 for H/G).
+        dw_kernel_size: depthwise kernel of the DCNv3 offset branch (5 for H/G; None: 3).
         level2_post_norm, level2_post_norm_block_ids: extra norms after these blocks of
-            stage 3 (H/G).
+            stage 3 (H/G); the ids are an error without ``level2_post_norm=True``.
         res_post_norm: normalise the pre-norm branch outputs again (H).
         center_feature_scale: learned blend of DCNv3 output and input projection (H/G).
         remove_center: DCNv3 without the kernel's centre point.
@@ -289,15 +315,34 @@ class InternImage(BaseModule):
             nothing is loaded (as with ``init_cfg=None``), so configs can leave the slot for
             ``--cfg-options model.backbone.init_cfg.checkpoint=PATH``.
         pretrained: shorthand for that init_cfg (as mmseg segmentors pass it).
+
+    Example::
+
+        InternImage(arch='l', drop_path_rate=0.4, layer_scale=1.0, with_cp=True)
     """
 
-    def __init__(self, core_op="DCNv3", channels=64, depths=(4, 4, 18, 4), groups=(4, 8, 16, 32),
-                 mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.2, drop_path_type="linear", act_layer="GELU",
-                 norm_layer="LN", layer_scale=None, offset_scale=1.0, post_norm=False, with_cp=False,
-                 dw_kernel_size=None, level2_post_norm=False, level2_post_norm_block_ids=None,
-                 res_post_norm=False, center_feature_scale=False, remove_center=False,
-                 out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
+    def __init__(self, arch: Union[str, dict, None] = None, core_op: str = "DCNv3",
+                 channels: Optional[int] = None, depths: Optional[Sequence[int]] = None,
+                 groups: Optional[Sequence[int]] = None, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.2, drop_path_type: str = "linear", act_layer: str = "GELU",
+                 norm_layer: str = "LN", layer_scale: Optional[float] = None, offset_scale: Optional[float] = None,
+                 post_norm: Optional[bool] = None, with_cp: bool = False, dw_kernel_size: Optional[int] = None,
+                 level2_post_norm: Optional[bool] = None, level2_post_norm_block_ids: Optional[Sequence[int]] = None,
+                 res_post_norm: Optional[bool] = None, center_feature_scale: Optional[bool] = None,
+                 remove_center: bool = False, out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
                  init_cfg: Optional[dict] = None, pretrained: Optional[str] = None):
+        settings = resolve_arch(arch, channels=channels, depths=depths, groups=groups, offset_scale=offset_scale,
+                                post_norm=post_norm, dw_kernel_size=dw_kernel_size,
+                                level2_post_norm=level2_post_norm,
+                                level2_post_norm_block_ids=level2_post_norm_block_ids, res_post_norm=res_post_norm,
+                                center_feature_scale=center_feature_scale)
+        assert set(settings) == set(ARCH_KEYS)
+        channels, depths, groups = settings["channels"], settings["depths"], settings["groups"]
+        offset_scale, post_norm, dw_kernel_size = (settings["offset_scale"], settings["post_norm"],
+                                                   settings["dw_kernel_size"])
+        level2_post_norm, level2_post_norm_block_ids = (settings["level2_post_norm"],
+                                                        settings["level2_post_norm_block_ids"])
+        res_post_norm, center_feature_scale = settings["res_post_norm"], settings["center_feature_scale"]
         if pretrained is not None:  # mmseg's EncoderDecoder(pretrained=...) passes it down
             if init_cfg is not None and not _is_empty_pretrained(init_cfg):
                 raise ValueError("give the backbone either init_cfg or pretrained, not both")
@@ -312,6 +357,7 @@ class InternImage(BaseModule):
                        level2_post_norm_block_ids=level2_post_norm_block_ids, out_indices=out_indices,
                        frozen_stages=frozen_stages)
         super().__init__(init_cfg=init_cfg)
+        self.arch_settings = settings
         self.core_op = core_op
         self.num_levels = len(depths)
         self.depths = list(depths)
@@ -320,8 +366,6 @@ class InternImage(BaseModule):
         self.out_indices = tuple(out_indices)
         self.frozen_stages = frozen_stages
         self.post_norm = post_norm
-        self.mlp_ratio = mlp_ratio
-        self.level2_post_norm_block_ids = level2_post_norm_block_ids
 
         self.patch_embed = StemLayer(3, channels, act_layer=act_layer, norm_layer=norm_layer)
         self.pos_drop = nn.Dropout(p=drop_rate)
@@ -332,7 +376,7 @@ class InternImage(BaseModule):
             dpr = torch.linspace(0, drop_path_rate, total, device="cpu").tolist()
         self.levels = nn.ModuleList()
         for i in range(self.num_levels):
-            self.levels.append(InternImageBlock(
+            self.levels.append(InternImageStage(
                 core_op=CORE_OPS[core_op], channels=int(channels * 2 ** i), depth=depths[i], groups=groups[i],
                 mlp_ratio=mlp_ratio, drop=drop_rate, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
                 act_layer=act_layer, norm_layer=norm_layer, post_norm=post_norm,

@@ -1,4 +1,6 @@
 """InternImage image classifier: the backbone plus the official classification heads."""
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -6,6 +8,7 @@ from torch import nn
 from ops_dcnv3.modules import build_act_layer, build_norm_layer
 
 from .backbone import InternImage, _is_int, _is_number
+from .variants import CLASSIFIER_HEAD, variant_name
 
 
 class CrossAttention(nn.Module):
@@ -70,36 +73,40 @@ class InternImageClassifier(InternImage):
     last two stages with 1x1 convs (stage 4 pixel-shuffled to stage 3's resolution),
     pool with attention, normalise (``fc_norm``) and classify.
 
-    Takes the backbone's arguments (see :class:`InternImage`) plus ``num_classes``,
-    ``cls_scale`` and ``use_clip_projector``; ``forward(x)`` returns logits. Settings that
-    cannot build a working model are a ``ValueError`` naming the argument. The defaults
-    are InternImage-T's architecture (the official class's defaults, groups 3/6/12/24 on
-    64 channels, do not divide the channels and cannot be built).
+    Args:
+        arch: as for :class:`InternImage` (default ``'t'``); also picks the head
+            (``use_clip_projector`` for H/G) unless given.
+        num_classes: classes of the linear classifier; 0 gives pooled features.
+        cls_scale: width of the 1x1 conv head relative to the last stage (T..XL).
+        use_clip_projector: the attention-pooling head of H/G (default: the arch's).
+        **backbone_kwargs: any other :class:`InternImage` argument (``drop_path_rate``,
+            ``layer_scale``, ``with_cp``, ``init_cfg``, ...). With
+            ``init_cfg=dict(type='Pretrained', checkpoint=...)`` the whole classifier, head
+            included, is loaded (a head with another class count is skipped with a log line).
+
+    The timm model interface: ``forward_features(x)`` returns the last feature map (NCHW;
+    for H/G the fused map of stages 3 and 4 that the projector pools), ``forward_head(x,
+    pre_logits=False)`` pools and classifies it, ``forward(x)`` does both.
     """
 
-    def __init__(self, core_op="DCNv3", channels=64, depths=(4, 4, 18, 4), groups=(4, 8, 16, 32),
-                 num_classes=1000, mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.2, drop_path_type="linear",
-                 act_layer="GELU", norm_layer="LN", layer_scale=None, offset_scale=1.0, post_norm=False,
-                 cls_scale=1.5, with_cp=False, dw_kernel_size=None, use_clip_projector=False,
-                 level2_post_norm=False, level2_post_norm_block_ids=None, res_post_norm=False,
-                 center_feature_scale=False, remove_center=False, **kwargs):
+    def __init__(self, arch=None, num_classes: int = 1000, cls_scale: float = 1.5,
+                 use_clip_projector: Optional[bool] = None, **backbone_kwargs):
         if not _is_int(num_classes) or num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0 (0: no classifier, features only), "
                              f"got {num_classes!r}")
         if not _is_number(cls_scale) or cls_scale <= 0:
             raise ValueError(f"cls_scale must be a number > 0, got {cls_scale!r}")
-        if not use_clip_projector and _is_int(channels) and channels > 0 and int(channels * 8 * cls_scale) < 1:
+        if use_clip_projector is None:
+            use_clip_projector = isinstance(arch, str) and CLASSIFIER_HEAD[variant_name(arch)]["use_clip_projector"]
+        super().__init__(arch=arch, **backbone_kwargs)
+        channels = self.channels
+        if not use_clip_projector and int(channels * 8 * cls_scale) < 1:
             raise ValueError(f"cls_scale={cls_scale!r} leaves the classification head no channels "
                              f"(int({channels * 8} * {cls_scale}) = 0)")
-        super().__init__(core_op=core_op, channels=channels, depths=depths, groups=groups, mlp_ratio=mlp_ratio,
-                         drop_rate=drop_rate, drop_path_rate=drop_path_rate, drop_path_type=drop_path_type,
-                         act_layer=act_layer, norm_layer=norm_layer, layer_scale=layer_scale,
-                         offset_scale=offset_scale, post_norm=post_norm, with_cp=with_cp,
-                         dw_kernel_size=dw_kernel_size, level2_post_norm=level2_post_norm,
-                         level2_post_norm_block_ids=level2_post_norm_block_ids, res_post_norm=res_post_norm,
-                         center_feature_scale=center_feature_scale, remove_center=remove_center, **kwargs)
         self.num_classes = num_classes
         self.use_clip_projector = use_clip_projector
+        act_layer = backbone_kwargs.get("act_layer", "GELU")
+        norm_layer = backbone_kwargs.get("norm_layer", "LN")
         if not use_clip_projector:
             head_features = int(self.num_features * cls_scale)
             self.conv_head = nn.Sequential(
@@ -123,21 +130,35 @@ class InternImageClassifier(InternImage):
         for head in heads:
             head.apply(self._init_module)
 
-    def forward_features(self, x):
-        """Pooled features before the classifier (T/S/B/L/XL head)."""
-        x = self.pos_drop(self.patch_embed(x))
-        for level in self.levels:
-            x = level(x)
-        x = self.conv_head(x.permute(0, 3, 1, 2))
-        return torch.flatten(self.avgpool(x), 1)
+    def init_weights(self):
+        """``init_cfg=dict(type='Pretrained', ...)`` loads the whole classifier, head included."""
+        if isinstance(self.init_cfg, dict) and self.init_cfg.get("type") == "Pretrained" \
+                and self.init_cfg.get("checkpoint") is not None:
+            from ..checkpoint import load_classifier_weights
 
-    def forward_clip_projector(self, x):
-        """Pooled features before the classifier (H/G head)."""
+            load_classifier_weights(self, self.init_cfg["checkpoint"],
+                                    map_location=self.init_cfg.get("map_location", "cpu"))
+            self._is_init = True
+            return
+        super().init_weights()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map, NCHW: stage 4 (T..XL), or stages 3 and 4 fused (H/G)."""
+        if not self.use_clip_projector:
+            x = self.pos_drop(self.patch_embed(x))
+            for level in self.levels:
+                x = level(x)
+            return x.permute(0, 3, 1, 2)
         *_, x3, x4 = self.forward_stages(x)
-        x = self.dcnv3_head_x4(x4.permute(0, 3, 1, 2)) + self.dcnv3_head_x3(x3.permute(0, 3, 1, 2))
-        x = self.clip_projector(x.flatten(2).transpose(1, 2))
-        return self.fc_norm(x)
+        return self.dcnv3_head_x4(x4.permute(0, 3, 1, 2)) + self.dcnv3_head_x3(x3.permute(0, 3, 1, 2))
 
-    def forward(self, x):
-        x = self.forward_clip_projector(x) if self.use_clip_projector else self.forward_features(x)
-        return self.head(x)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the feature map and classify it; ``pre_logits=True`` stops before the classifier."""
+        if not self.use_clip_projector:
+            x = torch.flatten(self.avgpool(self.conv_head(x)), 1)
+        else:
+            x = self.fc_norm(self.clip_projector(x.flatten(2).transpose(1, 2)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

@@ -1,4 +1,4 @@
-# Synthetic COCO-format shapes (internimage.synthetic.make_coco_shapes) under
+# Synthetic COCO-format shapes (internimage.datasets.synthetic.make_coco_shapes) under
 # $INTERNIMAGE_SHAPES_COCO, as named pieces for the tiny detection configs (names must not
 # clash with the detector bases: mmengine forbids keys shared among sibling bases).
 shapes_data_root = '{{$INTERNIMAGE_SHAPES_COCO:data/shapes_coco/}}'
@@ -31,5 +31,5 @@ shapes_schedule = dict(
     train_cfg=dict(max_epochs=1, val_interval=1),
     param_scheduler=[dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=4)],
     default_hooks=dict(logger=dict(interval=1)),
-    # the reliability hooks of the real configs, plus the cross-rank parameter check
-    custom_hooks=[dict(type='NonFiniteLossHook'), dict(type='RandomStateHook'), dict(type='ParamSyncCheckHook')])
+    # the cross-rank parameter check; tools/train.py adds the reliability hooks, as for every config
+    custom_hooks=[dict(type='ParamSyncCheckHook')])

@@ -1,6 +1,6 @@
 # A tiny UperNet on the InternImage-T ADE20K config's code path, for CPU tests: a 5-block
 # InternImage, narrow heads, 64x64 synthetic shapes in the ADE20K layout
-# (internimage.synthetic.make_ade_shapes) under $INTERNIMAGE_SHAPES_ADE; the shapes use the
+# (internimage.datasets.synthetic.make_ade_shapes) under $INTERNIMAGE_SHAPES_ADE; the shapes use the
 # first ADE20K class ids, so the heads keep ADE20K's 150 classes.
 _base_ = ['../../configs/upernet/upernet_internimage-t_512_160k_ade20k.py']
 data_root = '{{$INTERNIMAGE_SHAPES_ADE:data/shapes_ade/}}'

@@ -9,7 +9,7 @@ import signal
 
 from mmengine.fileio import register_backend
 
-from internimage.fileio import TMP_MARK, AtomicLocalBackend
+from internimage.engine.fileio import TMP_MARK, AtomicLocalBackend
 
 _saves = []
 

@@ -30,15 +30,16 @@ def apply_common_args(cfg: Config, args) -> Config:
         cfg.work_dir = args.work_dir
     elif cfg.get("work_dir") is None:
         cfg.work_dir = os.path.join("./work_dirs", os.path.splitext(os.path.basename(args.config))[0])
-    cfg.setdefault("custom_imports", dict(imports=["internimage"], allow_failed_imports=False))
+    cfg.setdefault("custom_imports", dict(imports=["internimage", "internimage.engine", "internimage.datasets"],
+                                          allow_failed_imports=False))
     if not torch.cuda.is_available():
-        use_cpu_sync_bn_free_norms(cfg)
+        replace_sync_bn_with_bn(cfg)
     if args.launcher != "none" and not torch.cuda.is_available():
         setup_cpu_distributed(cfg, args.launcher)
     return cfg
 
 
-def use_cpu_sync_bn_free_norms(cfg: Config):
+def replace_sync_bn_with_bn(cfg: Config):
     """SyncBN needs a GPU process group; on a CPU machine use BN (same parameters)."""
     def visit(node):
         if isinstance(node, dict):
@@ -220,7 +221,7 @@ def checkpoint_folder(cfg: Config) -> Optional[str]:
 def check_checkpoint_argument(filename: Optional[str], verify_hash: Optional[bool] = None):
     """Before a run: a local checkpoint must exist, and match the hash its name carries
     (``NAME-<hex>.pth``); URLs are checked when downloaded."""
-    from .checkpoint import verify_hash_in_name
+    from ..checkpoint import verify_hash_in_name
 
     if not filename or "://" in filename:
         return
@@ -236,14 +237,16 @@ def require_matching_checkpoint(runner, min_fraction: float):
     wrong file then evaluates a randomly initialised model)."""
     from mmengine.model import is_model_wrapper
 
-    from .checkpoint import check_coverage, to_state_dict
+    from ..checkpoint import check_coverage, to_state_dict
 
     load = runner.load_checkpoint
 
     def load_checked(filename, *args, **kwargs):
         checkpoint = load(filename, *args, **kwargs)
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        check_coverage(model.state_dict().keys(), to_state_dict(checkpoint).keys(), filename, min_fraction)
+        # to_state_dict drops `module.` prefixes; so for the model's keys (a TTA model's `module.`).
+        own = to_state_dict(model.state_dict()).keys()
+        check_coverage(own, to_state_dict(checkpoint).keys(), filename, min_fraction)
         return checkpoint
 
     runner.load_checkpoint = load_checked

@@ -58,7 +58,7 @@ def count_flops(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> int:
 
 def classifier_complexity(name: str, height: int, width: int) -> Tuple[int, int]:
     """(params, MACs) of a variant's 1000-class classifier at ``height x width``."""
-    from .builder import build_model
+    from ..models.builder import build_model
 
     check_input_shape(height, width)
     model = build_model(name, num_classes=1000)

@@ -11,12 +11,16 @@ Formats recognised by :func:`to_state_dict` (one pure function, used by every lo
 are the official ones, so no key is renamed.
 
 Every file is read with ``torch.load(weights_only=True)`` and the allow-list of
-:mod:`internimage.safe_load`, local paths and http(s) URLs alike. A URL is downloaded into
+:mod:`internimage.checkpoint.safe_load`, local paths and http(s) URLs alike. A URL is downloaded into
 torch.hub's cache (``$TORCH_HOME/hub/checkpoints``) first, its hash checked when its name
 carries one, and only then unpickled; a file that fails the check is deleted from the cache.
 Importing this module replaces mmengine's http(s) checkpoint loader, which unpickles a
 download with ``weights_only=False`` (so any code in it runs), by that safe one
 (:func:`load_from_http_safe`); mmengine's other loaders are left as they are.
+
+Official releases can be named ``internimage://<release name>`` (the configs do), e.g.
+``internimage://internimage_l_22k_384``; the name resolves to its URL through
+:data:`internimage.models.variants.PRETRAINED_CFGS`.
 
 Hash check: a file named ``NAME-<8 to 64 hex digits>.pth`` (torch.hub's convention, and
 what ``tools/publish_model.py`` writes) must have a sha256 that starts with those digits
@@ -39,8 +43,8 @@ from mmengine.dist import get_dist_info
 from mmengine.logging import print_log
 from mmengine.runner.checkpoint import CheckpointLoader
 
+from ..engine.fileio import atomic_output
 from . import safe_load  # noqa: F401  (allow-lists mmengine's checkpoint contents)
-from .fileio import atomic_output
 
 # Classification-head modules of InternImageClassifier (absent from a backbone).
 HEAD_PREFIXES = ("conv_head.", "head.", "dcnv3_head_x4.", "dcnv3_head_x3.", "clip_projector.", "fc_norm.")
@@ -158,6 +162,18 @@ def install_safe_http_loader():
 
 
 install_safe_http_loader()
+
+RELEASE_SCHEME = "internimage://"
+
+
+@CheckpointLoader.register_scheme(prefixes=RELEASE_SCHEME)
+def load_from_release(filename: str, map_location=None):
+    """``internimage://NAME``: an official release by name (``internimage_l_22k_384``, see
+    :data:`internimage.models.variants.PRETRAINED_CFGS`) or variant (``l``: its ImageNet-1k
+    classifier), downloaded and loaded as :func:`load_from_http_safe` does."""
+    from ..models.variants import pretrained_url
+
+    return load_from_http_safe(pretrained_url(filename[len(RELEASE_SCHEME):]), map_location)
 
 
 def load_file(filename: str, map_location="cpu", verify_hash: Optional[bool] = None) -> dict:
@@ -310,7 +326,7 @@ def refuse_overwriting(src: str, dst: str, what: str = "output"):
 
 def convert_checkpoint(src, dst: str) -> dict:
     """Write any supported checkpoint (path, URL or dict) in this project's (mmengine) form."""
-    from .version import __version__
+    from ..version import __version__
 
     refuse_overwriting(src, dst)
     ckpt = load_file(src) if isinstance(src, str) else src

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from .checkpoint import load_file, refuse_overwriting, save_atomic, sha256_of, verify_hash_in_name  # noqa: F401
+from .loading import load_file, refuse_overwriting, save_atomic, sha256_of
 
 # Kept from a training checkpoint; optimizer state, schedulers and the message hub go.
 _KEPT_META = ("cfg", "dataset_meta", "epoch", "iter", "seed", "experiment_name", "time", "mmengine_version")
@@ -22,7 +22,7 @@ def publish_checkpoint(src: str, out: str) -> str:
     """
     import mmcv
 
-    from .version import __version__
+    from ..version import __version__
 
     ckpt = load_file(src)
     if "state_dict" not in ckpt:

@@ -1,0 +1,13 @@
+"""Checked datasets and transforms, registered in mmdet's / mmseg's registries (each only
+where that library is installed), and synthetic data for tests and the quickstart.
+
+COCO (mmdet): ``CheckedCocoDataset``, ``CheckedLoadImageFromFile``.
+ADE20K (mmseg): ``CheckedADE20KDataset``, ``CheckSegLabels``.
+Configs name this package in ``custom_imports``.
+"""
+import importlib.util
+
+if importlib.util.find_spec("mmdet") is not None:
+    from . import coco  # noqa: F401
+if importlib.util.find_spec("mmseg") is not None:
+    from . import ade20k  # noqa: F401

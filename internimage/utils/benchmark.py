@@ -1,0 +1,45 @@
+"""What the benchmark scripts share: peak memory of one step, measured in a fresh process.
+
+The step is built by a factory function of a script or module file, so the measured
+process holds only what that step needs (no other model, no earlier peak).
+"""
+import os
+import subprocess
+import sys
+
+_PROBE = """
+import importlib.util
+import torch
+
+spec = importlib.util.spec_from_file_location("_benchmark_script", {path!r})
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+torch.set_num_threads({threads})
+step = getattr(module, {factory!r})(**{kwargs!r})
+
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+step()  # warm-up: one-time set-up (autograd engine, oneDNN primitives...)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+base = status("VmRSS:")
+step()
+print(status("VmHWM:") - base)
+"""
+
+
+def peak_rss_growth(path: str, factory: str, kwargs: dict, threads: int) -> int:
+    """Peak RSS growth in bytes of the second call of ``factory(**kwargs)()`` (``factory``: a
+    function of the Python file ``path`` that returns the step) in a fresh interpreter (Linux).
+
+    Allocations of 64 KiB and more are mmap-ed fresh (``MALLOC_MMAP_THRESHOLD_``), so memory
+    that the imports freed cannot hide the step's own peak.
+    """
+    code = _PROBE.format(path=os.path.abspath(path), factory=factory, kwargs=kwargs, threads=threads)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
+    return int(out.stdout.strip().splitlines()[-1]) * 1024
