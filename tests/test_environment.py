@@ -135,3 +135,15 @@ def test_arbitrary_pickled_objects_are_still_refused(tmp_path):
     torch.save({"state_dict": {}, "meta": {"payload": ReachesThroughGetattr()}}, path)
     with pytest.raises(pickle.UnpicklingError, match="refusing getattr"):
         load_checkpoint(nn.Linear(2, 1), str(path), map_location="cpu")
+
+
+def test_import_internimage_leaves_mmdet_and_mmseg_out():
+    import subprocess
+    import sys
+
+    code = ("import sys, internimage, mmengine.runner.checkpoint as c; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mmdet', 'mmseg'))); "
+            "print(c.CheckpointLoader._schemes[''].__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "mmengine.runner.checkpoint"  # mmengine's local loader is left as it is
