@@ -17,7 +17,10 @@ with zeros outside the image, the location::
     y = ho*stride_h - pad_h + half_h + (j*dilation_h - half_h + dy) * offset_scale
 
 with ``half_w = dilation_w*(kernel_w-1)//2``. A location outside the open box
-``(-1, W) x (-1, H)`` or not finite contributes zero and gets zero gradient.
+``(-1, W) x (-1, H)`` contributes zero and gets zero gradient. A location that is
+not finite (NaN or +-Inf in x or y, as diverged offset weights give) makes the output
+of its pixel and group NaN and gets NaN offset and mask gradients, as ``grid_sample``
+gives in the reference, so that the divergence reaches the loss.
 """
 from typing import Tuple
 
@@ -66,8 +69,10 @@ def _check_args(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad
         raise ValueError(f"dcnv3: padding must be non-negative, got {pad_h}x{pad_w}")
     if group <= 0 or group_channels <= 0:
         raise ValueError(f"dcnv3: group and group_channels must be positive, got {group} and {group_channels}")
-    if remove_center and (kernel_h != kernel_w or kernel_h % 2 == 0):
-        raise ValueError(f"dcnv3: remove_center needs an odd square kernel, got {kernel_h}x{kernel_w}")
+    # A 1x1 kernel without its centre would have no sampling point at all (P = 0).
+    if remove_center and (kernel_h != kernel_w or kernel_h % 2 == 0 or kernel_h == 1):
+        raise ValueError(f"dcnv3: remove_center needs an odd square kernel larger than 1x1, got "
+                         f"{kernel_h}x{kernel_w}")
     n, h, w, c = input.shape
     if c != group * group_channels:
         raise ValueError(f"dcnv3: input has {c} channels, expected group * group_channels = "

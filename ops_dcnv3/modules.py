@@ -75,7 +75,7 @@ class DCNv3(nn.Module):
         act_layer, norm_layer: of the depthwise branch ('GELU'/'ReLU'/'SiLU', 'LN'/'BN').
         center_feature_scale: blend the output with the input projection by a learned
             per-group gate.
-        remove_center: drop the kernel's centre point (odd kernels only).
+        remove_center: drop the kernel's centre point (odd kernels of 3 or more only).
     """
 
     core_op = staticmethod(dcnv3)
@@ -86,8 +86,9 @@ class DCNv3(nn.Module):
         super().__init__()
         if channels % group != 0:
             raise ValueError(f"channels must be divisible by group, but got {channels} and {group}")
-        if remove_center and kernel_size % 2 == 0:
-            raise ValueError(f"remove_center needs an odd kernel_size, got {kernel_size}")
+        if remove_center and (kernel_size % 2 == 0 or kernel_size < 3):
+            # kernel_size=1 would leave no sampling point at all.
+            raise ValueError(f"remove_center needs an odd kernel_size of at least 3, got {kernel_size}")
         group_channels = channels // group
         if group_channels & (group_channels - 1) != 0:
             warnings.warn("DCNv3 runs fastest when channels per group is a power of 2; got "

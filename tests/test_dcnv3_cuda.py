@@ -14,7 +14,7 @@ from ops_dcnv3 import dcnv3, dcnv3_reference
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_dcnv3_op import make_case, random_configs, rel_err, run_with_grads  # noqa: E402
+from test_dcnv3_op import make_case, random_configs, rel_err, run_in_child, run_with_grads  # noqa: E402
 
 HAS_NVCC = shutil.which("nvcc") is not None or os.path.exists("/usr/local/cuda/bin/nvcc")
 HAS_CUDA_OP = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -74,3 +74,46 @@ def test_cuda_module_matches_cpu_module():
     x = torch.randn(2, 9, 11, 64, dtype=torch.float64)
     expected = module(x)
     torch.testing.assert_close(module.cuda()(x.cuda()).cpu(), expected)
+
+
+@needs_gpu
+@pytest.mark.parametrize("softmax", [False, True], ids=["mask", "softmax"])
+def test_cuda_non_finite_offset_gives_nan_like_cpu(softmax):
+    input, offset, mask, params = make_case(2, 6, 7, 3, 3, 1, 1, 1, 1, 1, 1, 3, 4, 1.0, False)
+    offset = offset.clone()
+    offset[1, 2, 3, 28] = float("nan")  # x of point 5, group 1
+    offset[0, 4, 1, 37] = float("inf")  # y of point 0, group 2
+    params = params + (softmax,)
+    out, grads = run_with_grads(dcnv3, *to_cuda(input, offset, mask), params)
+    cpu_out, cpu_grads = run_with_grads(dcnv3, input, offset, mask, params)
+    assert cpu_out.isnan().any()
+    for got, expected in zip([out] + grads, [cpu_out] + cpu_grads):
+        got = got.cpu()
+        assert torch.equal(got.isnan(), expected.isnan())
+        torch.testing.assert_close(got[~got.isnan()], expected[~expected.isnan()])
+
+
+@needs_gpu
+def test_cuda_rejects_sizes_beyond_int32():
+    # pad_h = stride_h = 2**31 give a 3x3 output, but H + 2 * pad_h is beyond the kernels' int.
+    input, offset, mask = torch.zeros(1, 5, 5, 4), torch.zeros(1, 3, 3, 18), torch.zeros(1, 3, 3, 9)
+    with pytest.raises(RuntimeError, match="too large for the CUDA kernels"):
+        torch.ops.ops_dcnv3.dcnv3_forward(*to_cuda(input, offset, mask), 3, 3, 2**31, 1, 2**31, 0, 1, 1, 1, 4, 1.0,
+                                          False)
+
+
+@needs_gpu
+def test_cuda_rejects_remove_center_with_1x1_kernel():
+    # In a child process: before the check, softmax read mask[0] of an empty mask.
+    child = run_in_child("""
+import torch, ops_dcnv3
+input, offset, mask = torch.randn(1, 4, 4, 8).cuda(), torch.zeros(1, 4, 4, 0).cuda(), torch.zeros(1, 4, 4, 0).cuda()
+try:
+    torch.ops.ops_dcnv3.dcnv3_forward(input, offset, mask, 1, 1, 1, 1, 0, 0, 1, 1, 2, 4, 1.0, True, True)
+    torch.cuda.synchronize()
+    print("returned")
+except RuntimeError as error:
+    print(str(error).splitlines()[0])
+""")
+    assert child.returncode == 0, child.stderr[-4000:]
+    assert "remove_center needs an odd square kernel larger than 1x1, got 1x1" in child.stdout

@@ -1,6 +1,11 @@
 """The DCNv3 operator: parity with the official fixtures and the reference, gradients,
 registration (opcheck, torch.compile), dtypes, threads and bad input."""
+import json
+import os
 import random
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -190,26 +195,76 @@ def test_non_contiguous_inputs():
         torch.testing.assert_close(g, r, rtol=0, atol=0)
 
 
-def test_non_finite_and_far_offsets_contribute_nothing():
+def test_far_offsets_contribute_nothing():
     rng = random.Random(0)
     for trial in range(30):
         cfg = random_configs(1, seed=rng.randint(0, 10**6))[0]
         input, offset, mask, params = make_case(**cfg)
         points = offset.shape[-1] // 2
-        bad = torch.rand(offset.shape[:-1] + (points,), generator=torch.Generator().manual_seed(trial)) < 0.3
-        extreme = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 1e300])
-        poisoned = offset.clone().reshape(*offset.shape[:-1], points, 2)
-        choice = extreme[torch.randint(len(extreme), bad.shape)]
-        poisoned[..., 0] = torch.where(bad, choice, poisoned[..., 0])
-        poisoned = poisoned.reshape(offset.shape)
-        out, (g_in, g_off, g_mask) = run_with_grads(dcnv3, input, poisoned, mask, params)
+        far = torch.rand(offset.shape[:-1] + (points,), generator=torch.Generator().manual_seed(trial)) < 0.3
+        extreme = torch.tensor([1e30, -1e30, 1e300, -1e300, 1e6, -1e6], dtype=torch.float64)
+        moved = offset.clone().reshape(*offset.shape[:-1], points, 2)
+        choice = extreme[torch.randint(len(extreme), far.shape)]
+        moved[..., trial % 2] = torch.where(far, choice, moved[..., trial % 2])
+        moved = moved.reshape(offset.shape)
+        out, (g_in, g_off, g_mask) = run_with_grads(dcnv3, input, moved, mask, params)
         assert torch.isfinite(out).all() and torch.isfinite(g_in).all()
         # Same as removing those points through the mask.
-        expected, (e_in, _, _) = run_with_grads(dcnv3, input, offset, mask * ~bad, params)
+        expected, (e_in, _, _) = run_with_grads(dcnv3, input, offset, mask * ~far, params)
         torch.testing.assert_close(out, expected)
         torch.testing.assert_close(g_in, e_in)
-        assert (g_mask[bad] == 0).all()
-        assert (g_off.reshape(*bad.shape, 2)[bad] == 0).all()
+        assert (g_mask[far] == 0).all()
+        assert (g_off.reshape(*far.shape, 2)[far] == 0).all()
+
+
+@pytest.mark.parametrize("softmax", [False, True], ids=["mask", "softmax"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_offset_gives_nan_in_its_pixel_and_group(dtype, bad, softmax):
+    # Diverged offset weights must show up in the loss (as with the grid_sample
+    # reference) instead of silently sampling nothing.
+    group, group_channels, points = 3, 4, 9
+    input, offset, mask, params = make_case(2, 6, 7, 3, 3, 1, 1, 1, 1, 1, 1, group, group_channels, 1.0, False,
+                                            dtype=dtype)
+    poisoned = offset.clone()
+    poisoned[1, 2, 3, (1 * points + 5) * 2] = bad  # x of point 5, group 1
+    poisoned[0, 4, 1, (2 * points + 0) * 2 + 1] = bad  # y of point 0, group 2
+    nan_out = torch.zeros(input.shape[:3] + (group * group_channels,), dtype=torch.bool)
+    nan_out[1, 2, 3, 4:8] = True
+    nan_out[0, 4, 1, 8:12] = True
+    params = params + (softmax,)
+    out, grads = run_with_grads(dcnv3, input, poisoned, mask, params)
+    ref, ref_grads = run_with_grads(dcnv3_reference, input, poisoned, mask, params)
+    assert torch.equal(ref.isnan(), nan_out)
+    assert torch.equal(out.isnan(), nan_out)
+    torch.testing.assert_close(out[~nan_out], ref[~nan_out])
+    nan_offset = torch.zeros(offset.shape, dtype=torch.bool)
+    nan_offset[1, 2, 3, (1 * points + 5) * 2:][:2] = True
+    nan_offset[0, 4, 1, (2 * points + 0) * 2:][:2] = True
+    nan_mask = torch.zeros(mask.shape, dtype=torch.bool)
+    if softmax:  # through the softmax, every point of the group
+        nan_mask[1, 2, 3, 1 * points:2 * points] = True
+        nan_mask[0, 4, 1, 2 * points:3 * points] = True
+    else:
+        nan_mask[1, 2, 3, 1 * points + 5] = True
+        nan_mask[0, 4, 1, 2 * points + 0] = True
+    for grad, ref_grad, expected, name in zip(grads, ref_grads, (torch.zeros_like(nan_out), nan_offset, nan_mask),
+                                              ("input", "offset", "mask")):
+        assert torch.equal(grad.isnan(), expected), name
+        # grid_sample's gradient for a NaN x is NaN in y but 0 in x (and the other way
+        # round): the kernels make both NaN.
+        assert torch.equal(ref_grad.isnan() & ~expected, torch.zeros_like(expected)), name
+        assert ref_grad.isnan().any() == expected.any(), name
+        torch.testing.assert_close(grad[~expected], ref_grad[~expected], msg=name)
+
+
+def test_module_with_nan_offset_scale_gives_nan():
+    torch.manual_seed(0)
+    x = torch.randn(1, 5, 6, 16)
+    for cls in (ops_dcnv3.DCNv3, ops_dcnv3.DCNv3_pytorch):
+        module = cls(channels=16, group=2, offset_scale=float("nan"))
+        out = module(x)
+        assert out.isnan().all(), cls.__name__
 
 
 def test_deterministic_and_thread_count_independent():
@@ -231,6 +286,63 @@ def test_deterministic_and_thread_count_independent():
         torch.testing.assert_close(a, b)
 
 
+def backward_peak_bytes(args):
+    """Peak of the memory that torch allocates during one dcnv3_backward call."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.ops.ops_dcnv3.dcnv3_backward(*args)
+    events = sorted((event for event in prof.profiler.kineto_results.events() if event.name() == "[memory]"),
+                    key=lambda event: event.start_ns())
+    assert events, "the profiler recorded no allocations"
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+@pytest.mark.parametrize("offset_range", [2.0, 64.0], ids=["near", "everywhere"])
+def test_backward_memory_is_bounded_with_many_threads(offset_range):
+    # One image and one group, so the threads share the pair's output rows. Each share used
+    # to get a private grad_input buffer for the whole image: 257 MiB at 64 threads here.
+    input, offset, mask, params = make_case(1, 64, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 64, 1.0, False,
+                                            dtype=torch.float32, offset_range=offset_range)
+    grad_output = torch.randn(input.shape, generator=torch.Generator().manual_seed(1))
+    args = (grad_output, input, offset, mask) + params
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(64)
+        peak = backward_peak_bytes(args)
+        first = torch.ops.ops_dcnv3.dcnv3_backward(*args)
+        second = torch.ops.ops_dcnv3.dcnv3_backward(*args)
+        torch.set_num_threads(1)
+        single = torch.ops.ops_dcnv3.dcnv3_backward(*args)
+    finally:
+        torch.set_num_threads(threads)
+    # The gradients (1.4 MiB) and the band buffers, at most max(2 x the input, 32 MiB).
+    assert peak < 40 * 2**20, f"{peak / 2**20:.1f} MiB"
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    for a, b in zip(first, single):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("softmax", [False, True], ids=["mask", "softmax"])
+def test_backward_bands_match_reference_at_many_threads(softmax):
+    # At 64 threads every pair is split into bands of output rows with their own buffers.
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(64)
+        for cfg in random_configs(10, seed=11):
+            input, offset, mask, params = make_case(**cfg)
+            params = params + (softmax,)
+            out, grads = run_with_grads(dcnv3, input, offset, mask, params)
+            ref_out, ref_grads = run_with_grads(dcnv3_reference, input, offset, mask, params)
+            assert rel_err(out, ref_out) < 1e-10, cfg
+            for grad, ref, name in zip(grads, ref_grads, ("input", "offset", "mask")):
+                assert rel_err(grad, ref) < 1e-9, (name, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
 GOOD = dict(kernel_h=3, kernel_w=3, stride_h=1, stride_w=1, pad_h=1, pad_w=1, dilation_h=1, dilation_w=1,
             group=2, group_channels=4, offset_scale=1.0, remove_center=False)
 
@@ -250,6 +362,8 @@ def call(input=None, offset=None, mask=None, **overrides):
     (dict(mask=torch.zeros(1, 5, 5, 18, dtype=torch.float32)), "same dtype"),
     (dict(mask=torch.zeros(1, 5, 5, 18, dtype=torch.float64, device="meta")), "same device"),
     (dict(kernel_h=2, kernel_w=2, remove_center=True), "remove_center needs an odd square kernel"),
+    (dict(kernel_h=1, kernel_w=1, pad_h=0, pad_w=0, remove_center=True),
+     "remove_center needs an odd square kernel larger than 1x1, got 1x1"),
     (dict(stride_h=0), "stride must be positive"),
     (dict(dilation_w=-1), "dilation must be positive"),
     (dict(pad_h=0, pad_w=0, kernel_h=7, kernel_w=7), "output size would be"),
@@ -280,3 +394,112 @@ def test_module_under_cpu_bfloat16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         module(x.requires_grad_()).float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# --- calls that crashed or passed with wrapped-around sizes ----------------------
+
+
+def run_in_child(code, *args, timeout=600):
+    """Runs Python `code` in a fresh interpreter that imports this same ops_dcnv3 (and
+    inherits the environment, sanitizer settings included), so that a crash fails the
+    calling test instead of killing pytest."""
+    package_root = str(Path(ops_dcnv3.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=package_root, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+CHILD_CALLS = r"""
+import json, sys, torch
+import ops_dcnv3
+for case in json.loads(sys.argv[1]):
+    input, offset, mask = (torch.zeros(case[name]) for name in ("input", "offset", "mask"))
+    try:
+        if case["call"] == "backward":
+            grad_output = torch.zeros(case["input"][:1] + case["offset"][1:3] + case["input"][3:])
+            torch.ops.ops_dcnv3.dcnv3_backward(grad_output, input, offset, mask, *case["args"])
+        elif case["call"] == "forward":
+            torch.ops.ops_dcnv3.dcnv3_forward(input, offset, mask, *case["args"])
+        else:
+            ops_dcnv3.dcnv3(input, offset, mask, *case["args"])
+        result = "returned"
+    except Exception as error:
+        result = type(error).__name__ + ": " + str(error).splitlines()[0]
+    print(json.dumps([case["name"], result]), flush=True)
+"""
+
+
+def op_args(kernel=(3, 3), stride=(1, 1), pad=(1, 1), dilation=(1, 1), group=1, group_channels=4,
+            remove_center=False, softmax=False):
+    return [*kernel, *stride, *pad, *dilation, group, group_channels, 1.0, remove_center, softmax]
+
+
+# Each case gives the tensor shapes that the checks accepted before they checked overflow
+# (products wrapped around in int64), so that without the check the kernels would run.
+DIRECT_CALLS = [
+    # P = 0 sampling points: with softmax the kernels read mask[0] of an empty mask.
+    dict(name="remove_center_1x1_softmax_forward", call="forward", input=[1, 4, 4, 8], offset=[1, 4, 4, 0],
+         mask=[1, 4, 4, 0], args=op_args((1, 1), pad=(0, 0), group=2, remove_center=True, softmax=True),
+         error="RuntimeError", message="remove_center needs an odd square kernel larger than 1x1, got 1x1"),
+    dict(name="remove_center_1x1_softmax_backward", call="backward", input=[1, 4, 4, 8], offset=[1, 4, 4, 0],
+         mask=[1, 4, 4, 0], args=op_args((1, 1), pad=(0, 0), group=2, remove_center=True, softmax=True),
+         error="RuntimeError", message="remove_center needs an odd square kernel larger than 1x1, got 1x1"),
+    dict(name="remove_center_1x1_forward", call="forward", input=[1, 4, 4, 8], offset=[1, 4, 4, 0],
+         mask=[1, 4, 4, 0], args=op_args((1, 1), pad=(0, 0), group=2, remove_center=True),
+         error="RuntimeError", message="remove_center needs an odd square kernel larger than 1x1, got 1x1"),
+    dict(name="remove_center_1x1_functional", call="dcnv3", input=[1, 4, 4, 8], offset=[1, 4, 4, 0],
+         mask=[1, 4, 4, 0], args=op_args((1, 1), pad=(0, 0), group=2, remove_center=True, softmax=True),
+         error="ValueError", message="remove_center needs an odd square kernel larger than 1x1, got 1x1"),
+    # (2**60 + 1) * 16 wraps to 16 channels and 16 points per group: the kernels loop over 2**60 + 1 groups.
+    dict(name="group_overflow_forward", call="forward", input=[1, 5, 5, 16], offset=[1, 6, 6, 32],
+         mask=[1, 6, 6, 16], args=op_args((4, 4), pad=(2, 2), group=2**60 + 1, group_channels=16),
+         error="RuntimeError", message=r"group \* group_channels = 1152921504606846977 \* 16 overflows"),
+    dict(name="group_overflow_backward", call="backward", input=[1, 5, 5, 16], offset=[1, 6, 6, 32],
+         mask=[1, 6, 6, 16], args=op_args((4, 4), pad=(2, 2), group=2**60 + 1, group_channels=16),
+         error="RuntimeError", message=r"group \* group_channels = 1152921504606846977 \* 16 overflows"),
+    # 2 * pad wraps to -2: a 3x3 output instead of an error.
+    dict(name="pad_overflow", call="forward", input=[1, 5, 5, 4], offset=[1, 3, 3, 2], mask=[1, 3, 3, 1],
+         args=op_args((1, 1), pad=(2**63 - 1, 2**63 - 1)), error="RuntimeError", message=r"2 \* pad_h .* overflows"),
+    # dilation * (kernel - 1) wraps to -2: a 7x7 output.
+    dict(name="dilation_overflow", call="forward", input=[1, 5, 5, 4], offset=[1, 7, 7, 18], mask=[1, 7, 7, 9],
+         args=op_args(pad=(0, 0), dilation=(2**63 - 1, 2**63 - 1)), error="RuntimeError",
+         message=r"dilation_h \* \(kernel_h - 1\) .* overflows"),
+    dict(name="dilation_2_62", call="forward", input=[1, 5, 5, 4], offset=[1, 5, 5, 18], mask=[1, 5, 5, 9],
+         args=op_args(dilation=(2**62, 2**62)), error="RuntimeError", message="overflows"),
+    # kernel_h * kernel_w wraps to 0 points; an empty batch keeps the kernels from looping over them.
+    dict(name="kernel_overflow", call="forward", input=[0, 5, 5, 4], offset=[0, 6, 6, 0], mask=[0, 6, 6, 0],
+         args=op_args((2**62, 2**62), pad=(2**61, 2**61)), error="RuntimeError",
+         message=r"kernel_h \* kernel_w = 4611686018427387904 \* 4611686018427387904 overflows"),
+    dict(name="kernel_2_62", call="forward", input=[1, 5, 5, 4], offset=[1, 5, 5, 18], mask=[1, 5, 5, 9],
+         args=op_args((2**62, 1)), error="RuntimeError", message="overflows"),
+]
+
+
+@pytest.fixture(scope="module")
+def direct_call_results():
+    """Outcome of each call of DIRECT_CALLS, made in child processes: one for all of them,
+    and a new one for the rest after a call that crashed."""
+    results, pending = {}, list(DIRECT_CALLS)
+    while pending:
+        child = run_in_child(CHILD_CALLS, json.dumps(pending))
+        results.update(json.loads(line) for line in child.stdout.splitlines() if line.startswith("["))
+        pending = [case for case in pending if case["name"] not in results]
+        if pending and child.returncode == 0:
+            raise RuntimeError(f"the child process skipped calls:\n{child.stderr[-4000:]}")
+        if pending:
+            results[pending.pop(0)["name"]] = f"crashed (exit code {child.returncode}):\n{child.stderr[-4000:]}"
+    return results
+
+
+@pytest.mark.parametrize("case", DIRECT_CALLS, ids=[case["name"] for case in DIRECT_CALLS])
+def test_direct_op_call_rejects_bad_sizes(direct_call_results, case):
+    result = direct_call_results[case["name"]]
+    assert re.match(case["error"] + ": .*" + case["message"], result), result
+
+
+def test_remove_center_with_1x1_kernel_is_rejected_in_python():
+    input, offset, mask = torch.randn(1, 4, 4, 8), torch.zeros(1, 4, 4, 0), torch.zeros(1, 4, 4, 0)
+    with pytest.raises(ValueError, match="remove_center needs an odd square kernel larger than 1x1, got 1x1"):
+        dcnv3_reference(input, offset, mask, 1, 1, 1, 1, 0, 0, 1, 1, 2, 4, 1.0, True, softmax=True)
+    with pytest.raises(ValueError, match="remove_center needs an odd kernel_size of at least 3, got 1"):
+        ops_dcnv3.DCNv3(channels=8, kernel_size=1, pad=0, group=2, remove_center=True)

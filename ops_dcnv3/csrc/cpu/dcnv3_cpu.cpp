@@ -5,10 +5,20 @@
 // (compiled for AVX2+FMA and for baseline x86-64, picked at run time).
 // Sums are accumulated in float32 (float64 for float64 inputs).
 //
-// A sampling location outside the open box (-1, W) x (-1, H), or not finite
-// (NaN, +-Inf), contributes nothing to the output and receives no gradient; the
-// range test happens in floating point before any conversion to an integer.
+// A sampling location outside the open box (-1, W) x (-1, H) contributes nothing to the
+// output and receives no gradient; the range test happens in floating point before any
+// conversion to an integer. A location that is not finite (NaN or +-Inf in x or y, as
+// diverged offset weights give) makes the output channels of its (pixel, group) NaN and
+// gets NaN offset and mask gradients, as the grid_sample reference does, so that the
+// divergence reaches the loss instead of being hidden; it reads and writes no memory.
 // A non-finite mask value propagates through the product like any multiplication.
+//
+// The backward splits an (image, group) pair into bands of output rows when there are
+// too few pairs to occupy the threads. The bands scatter into private grad_input
+// buffers that cover only the input rows a band's sampling points reach (found by a
+// pass over the offsets) and are summed in a fixed order; their total size is kept
+// within max(2 x the input, 32 MiB) in the accumulation type by using fewer bands when
+// the offsets spread every band over the whole image.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -92,7 +103,12 @@ struct Corners {
   acc_t lx, ly, hx, hy;
 };
 
-// Returns false when the location contributes nothing (outside or not finite).
+template <typename acc_t>
+inline bool finite(acc_t x, acc_t y) {
+  return std::isfinite(x) && std::isfinite(y);
+}
+
+// Returns false when the location reads no pixel (outside the box or not finite).
 template <typename acc_t>
 inline bool locate(acc_t x, acc_t y, int64_t height, int64_t width, Corners<acc_t>& c) {
   // Written so that NaN fails the test: no float->int conversion happens for it.
@@ -147,7 +163,12 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
         const acc_t x = base_x + (grid.dx[k] + acc_t(off[(g * P + k) * 2])) * scale;
         const acc_t y = base_y + (grid.dy[k] + acc_t(off[(g * P + k) * 2 + 1])) * scale;
         Corners<acc_t> c;
-        if (!locate(x, y, geo.height_in, geo.width_in, c)) continue;
+        if (!locate(x, y, geo.height_in, geo.width_in, c)) {
+          if (!finite(x, y)) {
+            for (int64_t ch = 0; ch < Cg; ++ch) a[ch] = std::numeric_limits<acc_t>::quiet_NaN();
+          }
+          continue;
+        }
         const acc_t m = weights[k];
         const scalar_t* v[4];
         acc_t w[4];
@@ -170,21 +191,25 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
 }
 
 // Backward for one (n, g) pair and output pixels [pix_begin, pix_end) of its image.
-// grad_input rows are accumulated into `grad_image` (pixel stride `gi_stride`),
-// which this call owns exclusively: no two tasks write the same memory.
-template <typename scalar_t, int CG>
+// grad_input is accumulated into `grad_image` (pixel stride `gi_stride`), which this call
+// owns exclusively: no two tasks write the same memory. Without bands (Banded =
+// std::false_type) it is the pair's whole image. A band's buffer (std::true_type) holds
+// input pixels [gi_begin, gi_end) (index y * W + x) only, and corners outside them are
+// dropped: the caller sizes the buffer to cover every pixel the points reach, and the
+// check keeps a mistake there from writing out of bounds.
+template <typename scalar_t, int CG, typename Banded>
 DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const scalar_t* __restrict input,
                                 const scalar_t* __restrict offset, const scalar_t* __restrict mask,
                                 at::opmath_type<scalar_t>* __restrict grad_image, int64_t gi_stride,
-                                scalar_t* __restrict grad_offset, scalar_t* __restrict grad_mask,
-                                const Geometry& geo, const Params& p, int64_t n, int64_t g,
-                                int64_t pix_begin, int64_t pix_end) {
+                                int64_t gi_begin, int64_t gi_end, scalar_t* __restrict grad_offset,
+                                scalar_t* __restrict grad_mask, const Geometry& geo, const Params& p,
+                                int64_t n, int64_t g, int64_t pix_begin, int64_t pix_end, Banded) {
   using acc_t = at::opmath_type<scalar_t>;
   const KernelGrid<acc_t> grid(p);
   const int64_t P = geo.points, Cg = CG > 0 ? CG : p.group_channels, C = geo.channels;
   const acc_t scale = acc_t(p.offset_scale);
   const std::vector<scalar_t> zeros(Cg, scalar_t(0));
-  std::vector<acc_t> sink(Cg);  // write target for corners outside the image
+  std::vector<acc_t> sink(Cg);  // write target for corners outside the image or the range
   std::vector<acc_t> weights(P), grad_weights(P);
   const scalar_t* image = input + n * geo.height_in * geo.width_in * C + g * Cg;
   for (int64_t pix = pix_begin; pix < pix_end; ++pix) {
@@ -198,6 +223,7 @@ DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const sc
     scalar_t* goff = grad_offset + (idx * p.group + g) * P * 2;
     scalar_t* gmsk = grad_mask + (idx * p.group + g) * P;
     sampling_weights(msk, P, p.softmax, weights.data());
+    int64_t misses = 0;
     for (int64_t k = 0; k < P; ++k) {
       const acc_t x = base_x + (grid.dx[k] + acc_t(off[k * 2])) * scale;
       const acc_t y = base_y + (grid.dy[k] + acc_t(off[k * 2 + 1])) * scale;
@@ -205,6 +231,7 @@ DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const sc
       if (!locate(x, y, geo.height_in, geo.width_in, c)) {
         goff[k * 2] = goff[k * 2 + 1] = scalar_t(0);
         grad_weights[k] = 0;
+        ++misses;
         continue;
       }
       const acc_t m = weights[k];
@@ -212,9 +239,17 @@ DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const sc
       acc_t* gi[4];
       acc_t w[4];
       for (int corner = 0; corner < 4; ++corner) {
-        const bool inside = c.pixel[corner] >= 0;
-        v[corner] = inside ? image + c.pixel[corner] * C : zeros.data();
-        gi[corner] = inside ? grad_image + c.pixel[corner] * gi_stride : sink.data();
+        const int64_t pixel = c.pixel[corner];
+        const bool inside = pixel >= 0;
+        v[corner] = inside ? image + pixel * C : zeros.data();
+        if constexpr (Banded::value) {
+          // One unsigned comparison: also false for pixel == -1 (outside the image).
+          const bool in_buffer =
+              static_cast<uint64_t>(pixel - gi_begin) < static_cast<uint64_t>(gi_end - gi_begin);
+          gi[corner] = in_buffer ? grad_image + (pixel - gi_begin) * gi_stride : sink.data();
+        } else {
+          gi[corner] = inside ? grad_image + pixel * gi_stride : sink.data();
+        }
         w[corner] = m * c.weight[corner];
       }
       const scalar_t *__restrict v0 = v[0], *__restrict v1 = v[1], *__restrict v2 = v[2],
@@ -240,6 +275,17 @@ DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const sc
       const acc_t grad_y = m * (c.hx * (d2 - d0) + c.lx * (d3 - d1));
       goff[k * 2] = scalar_t(grad_x * scale);
       goff[k * 2 + 1] = scalar_t(grad_y * scale);
+    }
+    // A location that is not finite gets NaN gradients. Checked in a loop of its own, run
+    // only when a point missed the box: as a branch in the loop above it made the whole
+    // backward ~25% slower (GCC 12 then vectorised the channel loops worse).
+    for (int64_t k = 0; k < P && misses > 0; ++k) {
+      const acc_t x = base_x + (grid.dx[k] + acc_t(off[k * 2])) * scale;
+      const acc_t y = base_y + (grid.dy[k] + acc_t(off[k * 2 + 1])) * scale;
+      if (!finite(x, y)) {
+        goff[k * 2] = goff[k * 2 + 1] = std::numeric_limits<scalar_t>::quiet_NaN();
+        grad_weights[k] = std::numeric_limits<acc_t>::quiet_NaN();
+      }
     }
     // Through the softmax: d logit_k = w_k * (d w_k - sum_q w_q d w_q).
     acc_t weighted = 0;
@@ -345,6 +391,88 @@ at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_
   return output;
 }
 
+// How the backward splits each (image, group) pair into bands of output rows, and the
+// private grad_input buffer of each task (pair * count + band): input rows [lo, hi),
+// stored from row `start` of one flat buffer of input rows (start[tasks] rows in all).
+struct Bands {
+  int64_t count = 1;
+  std::vector<int64_t> lo, hi, start;
+};
+
+// Input rows [lo, hi) that the corners of the sampling points of output row `ho` of pair
+// (n, g) can touch (lo >= hi when none). Each location is computed as the kernels do, but
+// a location counts if it is within a row of the box the kernels use, and its rows are
+// widened by one each way, so that a last-bit difference in the kernels' arithmetic (the
+// AVX2 copy contracts to FMA) cannot reach a row outside.
+template <typename scalar_t>
+void touched_rows(const scalar_t* offset, const Geometry& geo, const Params& p,
+                  const KernelGrid<at::opmath_type<scalar_t>>& grid, int64_t n, int64_t g, int64_t ho,
+                  int64_t& lo, int64_t& hi) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t P = geo.points;
+  const acc_t scale = acc_t(p.offset_scale);
+  const acc_t base_y = acc_t(ho * p.stride_h - p.pad_h + (p.dilation_h * (p.kernel_h - 1)) / 2);
+  lo = geo.height_in;
+  hi = 0;
+  for (int64_t wo = 0; wo < geo.width_out; ++wo) {
+    const int64_t idx = (n * geo.height_out + ho) * geo.width_out + wo;
+    const scalar_t* off = offset + (idx * p.group + g) * P * 2;
+    for (int64_t k = 0; k < P; ++k) {
+      const acc_t y = base_y + (grid.dy[k] + acc_t(off[k * 2 + 1])) * scale;
+      if (!(y > acc_t(-2) && y < acc_t(geo.height_in + 1))) continue;  // NaN fails too
+      const int64_t y0 = static_cast<int64_t>(std::floor(y));
+      lo = std::min(lo, y0 - 1);
+      hi = std::max(hi, y0 + 3);
+    }
+  }
+  lo = std::max<int64_t>(lo, 0);
+  hi = std::min(hi, geo.height_in);
+}
+
+// Splits every pair into at most `wanted` bands of output rows. With the rows each band
+// reaches, the buffers usually add up to little more than one copy of grad_input; when
+// the offsets spread the bands over the whole image, the band count is halved until the
+// buffers fit in max(2 x the input, 32 MiB) (one band always fits).
+template <typename scalar_t>
+Bands plan_bands(const scalar_t* offset, const Geometry& geo, const Params& p, int64_t wanted) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t pairs = geo.batch * p.group, Ho = geo.height_out;
+  std::vector<int64_t> row_lo(pairs * Ho), row_hi(pairs * Ho);
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, geo.width_out * geo.points));
+  at::parallel_for(0, pairs * Ho, grain, [&](int64_t begin, int64_t end) {
+    const KernelGrid<acc_t> grid(p);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t pair = item / Ho;
+      touched_rows(offset, geo, p, grid, pair / p.group, pair % p.group, item % Ho, row_lo[item], row_hi[item]);
+    }
+  });
+  const int64_t row_bytes = std::max<int64_t>(1, geo.width_in * p.group_channels * int64_t(sizeof(acc_t)));
+  const int64_t budget_rows = std::max<int64_t>(2 * geo.height_in * pairs, (int64_t(32) << 20) / row_bytes);
+  Bands bands;
+  for (int64_t count = std::max<int64_t>(wanted, 1);; count /= 2) {
+    bands.count = count;
+    bands.lo.assign(pairs * count, 0);
+    bands.hi.assign(pairs * count, 0);
+    bands.start.assign(pairs * count + 1, 0);
+    int64_t rows = 0;
+    for (int64_t task = 0; task < pairs * count && (rows <= budget_rows || count == 1); ++task) {
+      const int64_t pair = task / count, band = task % count;
+      int64_t lo = geo.height_in, hi = 0;
+      for (int64_t ho = band * Ho / count; ho < (band + 1) * Ho / count; ++ho) {
+        lo = std::min(lo, row_lo[pair * Ho + ho]);
+        hi = std::max(hi, row_hi[pair * Ho + ho]);
+      }
+      if (lo >= hi) lo = hi = 0;
+      bands.lo[task] = lo;
+      bands.hi[task] = hi;
+      bands.start[task] = rows;
+      rows += hi - lo;
+      bands.start[task + 1] = rows;
+    }
+    if (rows <= budget_rows || count == 1) return bands;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
     const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& offset_,
     const at::Tensor& mask_, int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
@@ -367,55 +495,85 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
   at::Tensor grad_offset = at::empty_like(offset);
   at::Tensor grad_mask = at::empty_like(mask);
 
-  // Each task is one (image, group) pair, optionally split into `chunks` ranges of
-  // output pixels. grad_input slices of different (n, g) never overlap; when a pair
-  // is split, each chunk accumulates into a private buffer and the buffers are
-  // summed in a fixed order, so results depend only on the thread count.
+  // Each task is one (image, group) pair, split into `bands` bands of output rows when
+  // there are too few pairs to occupy the threads. grad_input slices of different (n, g)
+  // never overlap, so a pair in one band accumulates straight into grad_input; split
+  // pairs go through banded buffers (see the top of the file), so results depend only on
+  // the thread count and the input.
   const int64_t pairs = geo.batch * group;
   const int64_t hw_out = geo.height_out * geo.width_out, hw_in = geo.height_in * geo.width_in;
+  if (pairs == 0 || hw_out == 0) return {at::zeros_like(input), grad_offset, grad_mask};
   const int64_t threads = at::get_num_threads();
-  const int64_t chunks = pairs >= 4 * threads || hw_out == 0
-                             ? 1
-                             : std::min<int64_t>(hw_out, (4 * threads + pairs - 1) / std::max<int64_t>(pairs, 1));
-  const bool direct = chunks == 1 && at::toOpMathType(input.scalar_type()) == input.scalar_type();
-  at::Tensor grad_input = direct ? at::zeros_like(input) : at::Tensor();
-  at::Tensor partial = direct ? at::Tensor()
-                              : at::zeros({geo.batch, group, chunks, hw_in, group_channels},
-                                          input.options().dtype(at::toOpMathType(input.scalar_type())));
-  if (pairs > 0 && hw_out > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnv3_backward_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
-      const scalar_t* in = input.const_data_ptr<scalar_t>();
-      const scalar_t* off = offset.const_data_ptr<scalar_t>();
-      const scalar_t* msk = mask.const_data_ptr<scalar_t>();
-      scalar_t* goff = grad_offset.mutable_data_ptr<scalar_t>();
-      scalar_t* gmsk = grad_mask.mutable_data_ptr<scalar_t>();
-      acc_t* gi_base = direct ? reinterpret_cast<acc_t*>(grad_input.mutable_data_ptr<scalar_t>())
-                              : partial.mutable_data_ptr<acc_t>();
-      dispatch_group_channels<scalar_t>(group_channels, [&](auto cg) {
-        at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t task = begin; task < end; ++task) {
-            const int64_t pair = task / chunks, chunk = task % chunks;
-            const int64_t n = pair / group, g = pair % group;
-            acc_t* grad_image = direct ? gi_base + n * hw_in * geo.channels + g * group_channels
-                                       : gi_base + task * hw_in * group_channels;
-            const int64_t stride = direct ? geo.channels : group_channels;
-            backward_task_dispatch<scalar_t, decltype(cg)::value>(go, in, off, msk, grad_image, stride, goff, gmsk, geo,
-                                                         p, n, g, chunk * hw_out / chunks,
-                                                         (chunk + 1) * hw_out / chunks);
-          }
+  const int64_t wanted_bands =
+      pairs >= 4 * threads ? 1 : std::min<int64_t>(geo.height_out, (4 * threads + pairs - 1) / pairs);
+  const bool direct = wanted_bands == 1 && at::toOpMathType(input.scalar_type()) == input.scalar_type();
+  at::Tensor grad_input = direct ? at::zeros_like(input) : at::empty_like(input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnv3_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    const scalar_t* off = offset.const_data_ptr<scalar_t>();
+    const scalar_t* msk = mask.const_data_ptr<scalar_t>();
+    scalar_t* goff = grad_offset.mutable_data_ptr<scalar_t>();
+    scalar_t* gmsk = grad_mask.mutable_data_ptr<scalar_t>();
+    scalar_t* gin = grad_input.mutable_data_ptr<scalar_t>();
+    if constexpr (std::is_same_v<acc_t, scalar_t>) {
+      if (direct) {
+        dispatch_group_channels<scalar_t>(group_channels, [&](auto cg) {
+          at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+            for (int64_t pair = begin; pair < end; ++pair) {
+              const int64_t n = pair / group, g = pair % group;
+              backward_task_dispatch<scalar_t, decltype(cg)::value>(
+                  go, in, off, msk, gin + n * hw_in * geo.channels + g * group_channels, geo.channels, int64_t(0),
+                  hw_in, goff, gmsk, geo, p, n, g, int64_t(0), hw_out, std::false_type{});
+            }
+          });
         });
+        return;
+      }
+    }
+    const Bands bands = plan_bands(off, geo, p, wanted_bands);
+    const int64_t tasks = pairs * bands.count;
+    const int64_t row_size = geo.width_in * group_channels;  // one input row of one group
+    at::Tensor partial = at::zeros({bands.start[tasks] * row_size},
+                                   input.options().dtype(at::toOpMathType(input.scalar_type())));
+    acc_t* const partial_base = partial.mutable_data_ptr<acc_t>();
+    dispatch_group_channels<scalar_t>(group_channels, [&](auto cg) {
+      at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t pair = task / bands.count, band = task % bands.count;
+          const int64_t n = pair / group, g = pair % group;
+          const int64_t rows_begin = band * geo.height_out / bands.count;
+          const int64_t rows_end = (band + 1) * geo.height_out / bands.count;
+          backward_task_dispatch<scalar_t, decltype(cg)::value>(
+              go, in, off, msk, partial_base + bands.start[task] * row_size, group_channels,
+              bands.lo[task] * geo.width_in, bands.hi[task] * geo.width_in, goff, gmsk, geo, p, n, g,
+              rows_begin * geo.width_out, rows_end * geo.width_out, std::true_type{});
+        }
       });
     });
-  }
-  if (!direct) {
-    // (N, G, chunks, HW, Cg) -> (N, HW, G, Cg): fixed-order sum over chunks.
-    grad_input = partial.sum(2)
-                     .permute({0, 2, 1, 3})
-                     .reshape({geo.batch, geo.height_in, geo.width_in, geo.channels})
-                     .to(input.scalar_type());
-  }
+    // Sum the bands of each (pair, input row) in band order.
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, bands.count * row_size));
+    at::parallel_for(0, pairs * geo.height_in, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sum(row_size);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t pair = item / geo.height_in, y = item % geo.height_in;
+        const int64_t n = pair / group, g = pair % group;
+        std::fill(sum.begin(), sum.end(), acc_t(0));
+        for (int64_t task = pair * bands.count; task < (pair + 1) * bands.count; ++task) {
+          if (y < bands.lo[task] || y >= bands.hi[task]) continue;
+          const acc_t* src = partial_base + (bands.start[task] + y - bands.lo[task]) * row_size;
+          for (int64_t i = 0; i < row_size; ++i) sum[i] += src[i];
+        }
+        scalar_t* dst = gin + (n * hw_in + y * geo.width_in) * geo.channels + g * group_channels;
+        for (int64_t x = 0; x < geo.width_in; ++x) {
+          for (int64_t ch = 0; ch < group_channels; ++ch) {
+            dst[x * geo.channels + ch] = scalar_t(sum[x * group_channels + ch]);
+          }
+        }
+      }
+    });
+  });
   return {grad_input, grad_offset, grad_mask};
 }
 

@@ -10,7 +10,11 @@
 // an aligned part of a warp (group_channels a power of two up to 32) and with atomics
 // otherwise. With softmax=True the mask holds logits: the forward normalises them per
 // thread, the backward kernel gives the gradient of the weights and ATen takes it through
-// the softmax.
+// the softmax. A sampling location that is not finite makes its (pixel, group) output NaN
+// and its offset and mask gradients NaN, as on the CPU.
+//
+// Positions inside an image are indexed with int: make_params checks that every size
+// and the products formed from them fit (element counts across the batch are int64).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,6 +24,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 
 #include "../dcnv3.h"
 
@@ -69,7 +75,13 @@ struct Corners {
   acc_t lx, ly, hx, hy;
 };
 
-// False when the location is outside (-1, W) x (-1, H) or not finite (NaN fails the test).
+template <typename acc_t>
+__device__ __forceinline__ bool finite(acc_t x, acc_t y) {
+  return isfinite(x) && isfinite(y);
+}
+
+// False when the location reads no pixel: outside (-1, W) x (-1, H) or not finite (NaN
+// fails the test).
 template <typename acc_t>
 __device__ __forceinline__ bool locate(acc_t x, acc_t y, int height, int width, Corners<acc_t>& c) {
   if (!(x > acc_t(-1) && y > acc_t(-1) && x < acc_t(width) && y < acc_t(height))) return false;
@@ -123,7 +135,10 @@ __global__ void forward_kernel(const scalar_t* __restrict__ input, const scalar_
       acc_t x, y;
       sampling_location<acc_t>(p, ho, wo, k, acc_t(off[2 * k]), acc_t(off[2 * k + 1]), x, y);
       Corners<acc_t> corners;
-      if (!locate(x, y, p.height_in, p.width_in, corners)) continue;
+      if (!locate(x, y, p.height_in, p.width_in, corners)) {
+        if (!finite(x, y)) acc = acc_t(NAN);  // and stays NaN
+        continue;
+      }
       acc_t value = 0;
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
@@ -185,7 +200,9 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_output, const 
           gpuAtomicAdd(grad_input + at, m * corners.weight[q] * go);
         }
       }
-      acc_t gm = 0, gx = 0, gy = 0;
+      // A non-finite location has NaN gradients (the same for the whole group).
+      const bool poisoned = !inside && !finite(x, y);
+      acc_t gm = poisoned ? acc_t(NAN) : acc_t(0), gx = gm, gy = gm;
       if (inside) {
         gm = corners.weight[0] * d[0] + corners.weight[1] * d[1] + corners.weight[2] * d[2] +
              corners.weight[3] * d[3];
@@ -202,7 +219,7 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_output, const 
           grad_offset[2 * slot] = gx;
           grad_offset[2 * slot + 1] = gy;
         }
-      } else if (active && inside) {
+      } else if (active && (inside || poisoned)) {
         gpuAtomicAdd(grad_mask + slot, gm);
         gpuAtomicAdd(grad_offset + 2 * slot, gx);
         gpuAtomicAdd(grad_offset + 2 * slot + 1, gy);
@@ -211,16 +228,35 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_output, const 
   }
 }
 
+int narrow(int64_t value, const char* what) {
+  TORCH_CHECK(value >= 0 && value <= std::numeric_limits<int>::max(), "dcnv3: ", what, " = ", value,
+              " is too large for the CUDA kernels, which index with int32 (at most ",
+              std::numeric_limits<int>::max(), ")");
+  return static_cast<int>(value);
+}
+
 Params make_params(const Geometry& geo, int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
                    int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group,
                    int64_t group_channels, double offset_scale, bool remove_center, bool softmax) {
-  TORCH_CHECK(geo.height_in * geo.width_in < (int64_t(1) << 31), "dcnv3: image too large for the CUDA kernels");
+  // Besides the arguments, the kernels form y * W + x (< H * W), wo * stride - pad + half
+  // (|.| < W + 2 * pad), i * dilation (<= dilation * (kernel - 1)), 2 * k (< 2 * P) and
+  // channels in int; check_dcnv3_args has checked these against int64 already.
+  narrow(geo.height_in * geo.width_in, "H * W");
+  narrow(geo.height_in + 2 * pad_h, "H + 2 * pad_h");
+  narrow(geo.width_in + 2 * pad_w, "W + 2 * pad_w");
+  narrow(dilation_h * (kernel_h - 1), "dilation_h * (kernel_h - 1)");
+  narrow(dilation_w * (kernel_w - 1), "dilation_w * (kernel_w - 1)");
+  narrow(2 * geo.points, "2 * P");
+  narrow(geo.channels, "channels");
   Params p;
-  p.kernel_h = kernel_h, p.kernel_w = kernel_w, p.stride_h = stride_h, p.stride_w = stride_w;
-  p.pad_h = pad_h, p.pad_w = pad_w, p.dilation_h = dilation_h, p.dilation_w = dilation_w;
-  p.group = group, p.group_channels = group_channels, p.points = geo.points;
-  p.height_in = geo.height_in, p.width_in = geo.width_in, p.height_out = geo.height_out,
-  p.width_out = geo.width_out;
+  p.kernel_h = narrow(kernel_h, "kernel_h"), p.kernel_w = narrow(kernel_w, "kernel_w");
+  p.stride_h = narrow(stride_h, "stride_h"), p.stride_w = narrow(stride_w, "stride_w");
+  p.pad_h = narrow(pad_h, "pad_h"), p.pad_w = narrow(pad_w, "pad_w");
+  p.dilation_h = narrow(dilation_h, "dilation_h"), p.dilation_w = narrow(dilation_w, "dilation_w");
+  p.group = narrow(group, "group"), p.group_channels = narrow(group_channels, "group_channels");
+  p.points = narrow(geo.points, "P");
+  p.height_in = narrow(geo.height_in, "H"), p.width_in = narrow(geo.width_in, "W");
+  p.height_out = narrow(geo.height_out, "Ho"), p.width_out = narrow(geo.width_out, "Wo");
   p.offset_scale = static_cast<float>(offset_scale);
   p.remove_center = remove_center;
   p.softmax = softmax;
