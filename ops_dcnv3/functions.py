@@ -44,57 +44,68 @@ def dcnv3_output_size(height, width, kernel_h, kernel_w, stride_h, stride_w, pad
 
 def _check_args(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                 dilation_h, dilation_w, group, group_channels, remove_center):
-    """Validate the arguments with errors that name the problem; return (Ho, Wo, P)."""
+    """The C++ argument check (``csrc/dcnv3.h``, the authority for every call of the op) in
+    ``torch._check`` form, for the fake kernel and the reference, with the same words;
+    returns (Ho, Wo, P)."""
     for name, t, layout in (("input", input, "(N, H, W, C)"), ("offset", offset, "(N, Ho, Wo, group*P*2)"),
                             ("mask", mask, "(N, Ho, Wo, group*P)")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"dcnv3: {name} must be a Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"dcnv3: {name} must be 4-D {layout}, got shape {tuple(t.shape)}")
-    if not (input.device == offset.device == mask.device):
-        raise ValueError(f"dcnv3: input, offset and mask must be on the same device, got "
+        torch._check_type(isinstance(t, torch.Tensor),
+                          lambda: f"dcnv3: {name} must be a Tensor, got {type(t).__name__}")
+        torch._check(t.dim() == 4, lambda: f"dcnv3: {name} must be 4-D {layout}, got {t.dim()}-D")
+    torch._check(input.device == offset.device == mask.device,
+                 lambda: f"dcnv3: input, offset and mask must be on the same device, got "
                          f"{input.device}, {offset.device} and {mask.device}")
-    if not (input.dtype == offset.dtype == mask.dtype):
-        raise ValueError(f"dcnv3: input, offset and mask must have the same dtype, got "
+    torch._check(input.dtype == offset.dtype == mask.dtype,
+                 lambda: f"dcnv3: input, offset and mask must have the same dtype, got "
                          f"{input.dtype}, {offset.dtype} and {mask.dtype}")
-    if not input.is_floating_point():
-        raise ValueError(f"dcnv3: tensors must be floating point, got {input.dtype}")
-    if kernel_h <= 0 or kernel_w <= 0:
-        raise ValueError(f"dcnv3: kernel size must be positive, got {kernel_h}x{kernel_w}")
-    if stride_h <= 0 or stride_w <= 0:
-        raise ValueError(f"dcnv3: stride must be positive, got {stride_h}x{stride_w}")
-    if dilation_h <= 0 or dilation_w <= 0:
-        raise ValueError(f"dcnv3: dilation must be positive, got {dilation_h}x{dilation_w}")
-    if pad_h < 0 or pad_w < 0:
-        raise ValueError(f"dcnv3: padding must be non-negative, got {pad_h}x{pad_w}")
-    if group <= 0 or group_channels <= 0:
-        raise ValueError(f"dcnv3: group and group_channels must be positive, got {group} and {group_channels}")
+    torch._check(input.is_floating_point(), lambda: f"dcnv3: tensors must be floating point, got {input.dtype}")
+    torch._check(kernel_h > 0 and kernel_w > 0,
+                 lambda: f"dcnv3: kernel size must be positive, got {kernel_h}x{kernel_w}")
+    torch._check(stride_h > 0 and stride_w > 0, lambda: f"dcnv3: stride must be positive, got {stride_h}x{stride_w}")
+    torch._check(dilation_h > 0 and dilation_w > 0,
+                 lambda: f"dcnv3: dilation must be positive, got {dilation_h}x{dilation_w}")
+    torch._check(pad_h >= 0 and pad_w >= 0, lambda: f"dcnv3: padding must be non-negative, got {pad_h}x{pad_w}")
+    torch._check(group > 0 and group_channels > 0,
+                 lambda: f"dcnv3: group and group_channels must be positive, got {group} and {group_channels}")
     # A 1x1 kernel without its centre would have no sampling point at all (P = 0).
-    if remove_center and (kernel_h != kernel_w or kernel_h % 2 == 0 or kernel_h == 1):
-        raise ValueError(f"dcnv3: remove_center needs an odd square kernel larger than 1x1, got "
-                         f"{kernel_h}x{kernel_w}")
+    torch._check(not remove_center or (kernel_h == kernel_w and kernel_h % 2 == 1 and kernel_h > 1),
+                 lambda: f"dcnv3: remove_center needs an odd square kernel larger than 1x1, got {kernel_h}x{kernel_w}")
     n, h, w, c = input.shape
-    if c != group * group_channels:
-        raise ValueError(f"dcnv3: input has {c} channels, expected group * group_channels = "
+    torch._check(c == group * group_channels,
+                 lambda: f"dcnv3: input has {c} channels, expected group * group_channels = "
                          f"{group} * {group_channels} = {group * group_channels}")
     ho, wo = dcnv3_output_size(h, w, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
-    if ho <= 0 or wo <= 0:
-        raise ValueError(f"dcnv3: output size would be {ho}x{wo} (zero or less) for input {h}x{w}, kernel "
-                         f"{kernel_h}x{kernel_w}, padding {pad_h}x{pad_w}, dilation {dilation_h}x{dilation_w}, "
-                         f"stride {stride_h}x{stride_w}")
+    torch._check(ho > 0 and wo > 0,
+                 lambda: f"dcnv3: output size would be zero or less for input {h}x{w}, kernel {kernel_h}x{kernel_w}, "
+                         f"padding {pad_h}x{pad_w}, dilation {dilation_h}x{dilation_w}")
     points = kernel_h * kernel_w - int(remove_center)
-    if tuple(offset.shape) != (n, ho, wo, group * points * 2):
-        raise ValueError(f"dcnv3: offset must have shape (N, Ho, Wo, group*P*2) = "
-                         f"{(n, ho, wo, group * points * 2)}, got {tuple(offset.shape)}")
-    if tuple(mask.shape) != (n, ho, wo, group * points):
-        raise ValueError(f"dcnv3: mask must have shape (N, Ho, Wo, group*P) = "
-                         f"{(n, ho, wo, group * points)}, got {tuple(mask.shape)}")
+    want_offset, want_mask = [n, ho, wo, group * points * 2], [n, ho, wo, group * points]
+    torch._check(list(offset.shape) == want_offset,
+                 lambda: f"dcnv3: offset must have shape (N, Ho, Wo, group*P*2) = {want_offset}, "
+                         f"got {list(offset.shape)}")
+    torch._check(list(mask.shape) == want_mask,
+                 lambda: f"dcnv3: mask must have shape (N, Ho, Wo, group*P) = {want_mask}, got {list(mask.shape)}")
     return ho, wo, points
 
 
+def _derive_group_channels(input, group, group_channels):
+    if group_channels is not None:
+        return group_channels
+    torch._check(isinstance(input, torch.Tensor) and input.dim() == 4,
+                 lambda: "dcnv3: input must be 4-D (N, H, W, C) to derive group_channels from it")
+    torch._check(group > 0 and input.shape[-1] % group == 0,
+                 lambda: f"dcnv3: input has {input.shape[-1]} channels, not divisible by group={group}")
+    return input.shape[-1] // group
+
+
 def dcnv3(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-          dilation_h, dilation_w, group, group_channels, offset_scale, remove_center=False, softmax=False):
+          dilation_h, dilation_w, group, group_channels=None, offset_scale=1.0, remove_center=False,
+          softmax=False):
     """DCNv3 core op on the compiled kernels (see the module docstring).
+
+    Only normalises its arguments: the kernels check them (``RuntimeError`` naming the
+    problem), for this function, direct ``torch.ops.ops_dcnv3`` calls and exported graphs
+    alike. ``group_channels=None`` takes ``C // group`` of the input.
 
     With ``softmax=True`` the mask holds logits, normalised over the P points of each
     group inside the kernels (the DCNv3 module's softmax, fused: no extra pass over the
@@ -107,8 +118,7 @@ def dcnv3(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pa
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         input, offset, mask = input.to(dtype), offset.to(dtype), mask.to(dtype)
-    _check_args(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                dilation_h, dilation_w, group, group_channels, remove_center)
+    group_channels = _derive_group_channels(input, group, group_channels)
     return _ops.dcnv3_forward(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                               dilation_h, dilation_w, group, group_channels, float(offset_scale),
                               bool(remove_center), bool(softmax))
@@ -137,9 +147,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_output):
+    needed = ctx.needs_input_grad[:3]
+    if not any(needed):
+        return (None,) * (3 + len(ctx.params))
     input, offset, mask = ctx.saved_tensors
-    grad_input, grad_offset, grad_mask = _ops.dcnv3_backward(grad_output, input, offset, mask, *ctx.params)
-    return (grad_input, grad_offset, grad_mask) + (None,) * len(ctx.params)
+    grads = _ops.dcnv3_backward(grad_output, input, offset, mask, *ctx.params)
+    return tuple(g if need else None for g, need in zip(grads, needed)) + (None,) * len(ctx.params)
 
 
 torch.library.register_autograd("ops_dcnv3::dcnv3_forward", _backward, setup_context=_setup_context)
@@ -148,7 +161,7 @@ torch.library.register_autograd("ops_dcnv3::dcnv3_forward", _backward, setup_con
 # --- pure PyTorch reference ---------------------------------------------------
 
 def dcnv3_reference(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                    dilation_h, dilation_w, group, group_channels, offset_scale, remove_center=False,
+                    dilation_h, dilation_w, group, group_channels=None, offset_scale=1.0, remove_center=False,
                     softmax=False):
     """DCNv3 core op in plain PyTorch (``F.grid_sample``), the numerical reference.
 
@@ -156,6 +169,7 @@ def dcnv3_reference(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w,
     ``grid_sample``'s zero padding gives the zeros outside the image, which also makes
     unequal ``pad_h``/``pad_w`` correct.
     """
+    group_channels = _derive_group_channels(input, group, group_channels)
     ho, wo, points = _check_args(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                  dilation_h, dilation_w, group, group_channels, remove_center)
     n, h, w, _ = input.shape
