@@ -104,8 +104,8 @@ class DCNv3(nn.Module):
         self.group = group
         self.group_channels = group_channels
         self.center_feature_scale = center_feature_scale
-        self.remove_center = int(remove_center)
-        points = kernel_size * kernel_size - self.remove_center
+        self.remove_center = bool(remove_center)
+        points = kernel_size * kernel_size - int(self.remove_center)
 
         self.dw_conv = nn.Sequential(
             nn.Conv2d(channels, channels, kernel_size=dw_kernel_size, stride=1, padding=(dw_kernel_size - 1) // 2,
@@ -141,7 +141,7 @@ class DCNv3(nn.Module):
         mask_logits = linear(self.mask, features)  # softmax over the points of each group: inside the op
         x = self.core_op(x_proj, offset, mask_logits, self.kernel_size, self.kernel_size, self.stride, self.stride,
                          self.pad, self.pad, self.dilation, self.dilation, self.group, self.group_channels,
-                         self.offset_scale, bool(self.remove_center), softmax=True)
+                         self.offset_scale, self.remove_center, softmax=True)
         if self.center_feature_scale:
             scale = F.linear(features, self.center_feature_scale_proj_weight,
                              self.center_feature_scale_proj_bias).sigmoid()

@@ -23,9 +23,14 @@ benchmark_dcnv3 = load_tool("benchmark_dcnv3")
 @pytest.mark.parametrize("mode", ["inference", "train", "backbone", "bf16"])
 def test_benchmark_steps_run(mode):
     model = benchmark.build("internimage_t", mode)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     benchmark.make_step(model, mode, 2, 64, 64)()
-    if mode == "train":  # the step updated the weights
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    if mode == "train":  # the step updated the weights (the zero-initialised offset/mask projections too)
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        assert "levels.0.blocks.0.dcn.offset.weight" in changed and "head.weight" in changed
+    else:
+        assert not changed
 
 
 def test_benchmark_dcnv3_cpu_timing_and_work():

@@ -9,7 +9,8 @@ import pytest
 from internimage.checkpoint.flops import classifier_complexity
 
 REPO = Path(__file__).resolve().parents[1]
-# Official parameter counts and FLOPs by the official counting rule (SPEC.md section 4).
+# Official parameter counts (the official models' state dicts, tests/data/official) and FLOPs by the
+# official counting rule: per-module MACs plus 5*H*W*9*C for each DCNv3 core (the published figures).
 OFFICIAL = {"t": (224, 29_918_424, 5.00e9), "s": (224, 50_079_880, 8.46e9), "b": (224, 97_461_832, 16.40e9),
             "l": (384, 223_334_810, 108.85e9), "xl": (384, 334_819_780, 164.24e9)}
 

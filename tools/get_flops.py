@@ -1,10 +1,10 @@
 """Parameters and FLOPs (multiply-accumulates) of an InternImage variant or a config.
 
     python tools/get_flops.py --variant t [--shape 224] [--json]
-    python tools/get_flops.py configs/mask_rcnn/mask_rcnn_internimage_t_fpn_1x_coco.py --shape 800 1280
+    python tools/get_flops.py configs/mask_rcnn/mask-rcnn_internimage-t_fpn_1x_coco.py --shape 800 1280
 
 A variant is its 1000-class classifier (default shape: the released resolution); a
-config is its whole detector or segmentor. See internimage/flops.py for the counting rule.
+config is its whole detector or segmentor. See internimage/checkpoint/flops.py for the counting rule.
 """
 import argparse
 import json

@@ -105,7 +105,8 @@ def main():
     cfg.randomness = dict(seed=args.seed)
     if args.epochs:
         cfg.train_cfg.max_epochs = args.epochs
-        cfg.param_scheduler[1].end = args.epochs
+        cosine = next(s for s in cfg.param_scheduler if s.type == "CosineAnnealingLR")
+        cosine.end = args.epochs
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     print(f"[quickstart] training Mask R-CNN + InternImage (mini) on CPU; logs and outputs in {cfg.work_dir}")

@@ -17,13 +17,16 @@ from mmengine.analysis.jit_handles import get_shape
 import ops_dcnv3  # noqa: F401  (registers the op that the handle below counts)
 
 DCNV3_OP = "ops_dcnv3::dcnv3_forward"
+# Position of `group` in the op's schema (ops_dcnv3/csrc/dcnv3.cpp): input, offset, mask, kernel_h,
+# kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, ...
+GROUP_ARG = 11
 
 
 def dcnv3_flop_jit(inputs, outputs) -> int:
     """FLOP handle for the traced DCNv3 core op: (4 + 5) * N * Ho * Wo * P * C."""
     n, ho, wo, channels = get_shape(outputs[0])
     group_points = get_shape(inputs[2])[-1]  # mask: (N, Ho, Wo, group * P)
-    group = inputs[11].toIValue()
+    group = inputs[GROUP_ARG].toIValue()
     sampled_values = n * ho * wo * (group_points // group) * channels
     return (4 + 5) * sampled_values
 
