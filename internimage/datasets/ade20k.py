@@ -1,4 +1,4 @@
-"""ADE20K with input checks, for mmseg 1.x (registered by ``import internimage``).
+"""ADE20K with input checks, for mmseg 1.x (registered by ``import internimage.datasets``).
 
 * ``CheckedADE20KDataset``: ``ADE20KDataset`` that names the missing folder when the data
   root lacks the ADE20K layout, instead of failing later with an empty dataset. When it is

@@ -1,4 +1,4 @@
-"""COCO with input checks, for mmdet 3.x (registered by ``import internimage``).
+"""COCO with input checks, for mmdet 3.x (registered by ``import internimage.datasets``).
 
 ``CheckedCocoDataset`` is mmdet's ``CocoDataset`` that fails at build time, with the
 annotation file and the offending ids or files named, where ``CocoDataset`` would fail deep

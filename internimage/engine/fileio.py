@@ -1,4 +1,4 @@
-"""Atomic file writes, and a local file backend that uses them (registered by ``import internimage``).
+"""Atomic file writes, and a local file backend that uses them (registered by ``import internimage.engine``).
 
 mmengine's ``LocalBackend.put`` opens the final path and writes into it, so a process
 killed while saving a checkpoint leaves a truncated ``epoch_N.pth`` behind. Here every

@@ -1,4 +1,4 @@
-"""Training hooks for reliable runs (registered in mmengine's HOOKS by ``import internimage``,
+"""Training hooks for reliable runs (registered in mmengine's HOOKS by ``import internimage.engine``,
 so mmdet and mmseg configs find them).
 
 * ``NonFiniteLossHook``: stops training at the first iteration whose loss is NaN or
