@@ -1,20 +1,30 @@
 """``type='InternImage'`` for OpenMMLab configs, without importing mmdet or mmseg.
 
 InternImage is registered in mmengine's root ``MODELS``; mmdet's and mmseg's ``MODELS`` are
-its children and search their ancestors for a type they do not hold, so
-``backbone=dict(type='InternImage', ...)`` builds in either, as ``mmdet::`` / ``mmseg::``
-scoped configs expect.
+its children and search their ancestors for an unscoped type they do not hold, so
+``backbone=dict(type='InternImage', ...)`` builds in either. A scoped name
+(``type='mmdet.InternImage'``) is looked up in that registry alone, so the models are also
+registered in mmdet's / mmseg's ``MODELS`` once that library is imported: here when it
+already is, and by ``import internimage.datasets`` (which configs name) otherwise.
 """
+import sys
+
 from mmengine.registry import MODELS
 
 from .models import InternImage, InternImageClassifier
 
 
 def register_all():
-    """Register the models in mmengine's root ``MODELS`` (idempotent)."""
-    for name, module in (("InternImage", InternImage), ("InternImageClassifier", InternImageClassifier)):
-        if MODELS.module_dict.get(name) is not module:
-            MODELS.register_module(name=name, module=module, force=True)
+    """Register the models in mmengine's root ``MODELS`` and in mmdet's / mmseg's ``MODELS``
+    when those are imported (idempotent; never imports mmdet or mmseg)."""
+    registries = [MODELS]
+    for scope in ("mmdet", "mmseg"):
+        if f"{scope}.registry" in sys.modules:
+            registries.append(sys.modules[f"{scope}.registry"].MODELS)
+    for registry in registries:
+        for name, module in (("InternImage", InternImage), ("InternImageClassifier", InternImageClassifier)):
+            if registry.module_dict.get(name) is not module:
+                registry.register_module(name=name, module=module, force=True)
 
 
 register_all()

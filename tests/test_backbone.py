@@ -288,6 +288,8 @@ def test_arch_fills_the_architecture_and_keywords_override():
         assert InternImage(arch="h", level2_post_norm=False).levels[2].post_norm_block_ids is None
     with pytest.raises(ValueError, match="level2_post_norm_block_ids is only used with level2_post_norm=True"):
         InternImage(arch="t", level2_post_norm_block_ids=[1])
+    with pytest.raises(ValueError, match="level2_post_norm_block_ids is only used with level2_post_norm=True"):
+        InternImage(arch=dict(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], level2_post_norm_block_ids=[1]))
     with pytest.raises(ValueError, match="not architecture settings: \\['drop_path_rate'\\]"):
         InternImage(arch=dict(channels=16, drop_path_rate=0.1))
     with pytest.raises(KeyError, match="unknown InternImage variant 'q'"):

@@ -147,3 +147,14 @@ def test_import_internimage_leaves_mmdet_and_mmseg_out():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "[]"
     assert out[1] == "mmengine.runner.checkpoint"  # mmengine's local loader is left as it is
+
+
+def test_scoped_type_names_build_once_configs_import_the_datasets():
+    from mmdet.registry import MODELS as MMDET_MODELS
+    from mmseg.registry import MODELS as MMSEG_MODELS
+
+    import internimage
+    import internimage.datasets  # noqa: F401  (what configs import)
+
+    assert MMDET_MODELS.get("mmdet.InternImage") is internimage.InternImage
+    assert MMSEG_MODELS.get("mmseg.InternImage") is internimage.InternImage

@@ -16,6 +16,7 @@ from mmengine.evaluator import DumpResults
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
+import internimage.datasets  # noqa: F401  (checked datasets, for configs that import only 'internimage')
 from internimage.engine.runner_utils import (
     DictAction,
     apply_common_args,

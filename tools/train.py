@@ -11,7 +11,7 @@ from mmengine.config import Config
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-import internimage  # noqa: F401  (registries, weights_only-safe checkpoint loading)
+import internimage.datasets  # noqa: F401  (checked datasets, for configs that import only 'internimage')
 from internimage.engine.runner_utils import (
     DictAction,
     apply_common_args,

@@ -28,6 +28,7 @@ what ``tools/publish_model.py`` writes) must have a sha256 that starts with thos
 set ``INTERNIMAGE_VERIFY_HASH=0`` (or pass ``verify_hash=False``) for a file whose name only
 looks like that, e.g. ``model-20240101.pth``.
 """
+import contextlib
 import hashlib
 import logging
 import os
@@ -140,16 +141,24 @@ def load_from_http_safe(filename: str, map_location=None, model_dir: Optional[st
     distributed runs, as mmengine does), check the hash in the name, then
     ``torch.load(weights_only=True)``."""
     rank, world_size = get_dist_info()
+    error = None
     if rank == 0:
-        path = download_checkpoint(filename, model_dir, progress, verify_hash)
+        try:
+            path = download_checkpoint(filename, model_dir, progress, verify_hash)
+        except Exception as exc:  # the other ranks must not wait in the barrier for ever
+            error = exc
     if world_size > 1:
         torch.distributed.barrier()
         if rank > 0:
             path = download_checkpoint(filename, model_dir, progress, verify_hash)
+    if error is not None:
+        raise error
     try:
         return torch_load_safe(path, map_location, source=filename)
     except pickle.UnpicklingError:
-        os.remove(path)  # never keep an unloadable download around to be tried again
+        if rank == 0:  # never keep an unloadable download around to be tried again
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
         raise
 
 

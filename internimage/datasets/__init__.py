@@ -11,3 +11,7 @@ if importlib.util.find_spec("mmdet") is not None:
     from . import coco  # noqa: F401
 if importlib.util.find_spec("mmseg") is not None:
     from . import ade20k  # noqa: F401
+
+from ..registry import register_all  # noqa: E402
+
+register_all()  # scoped names (type='mmdet.InternImage') now that mmdet / mmseg are imported

@@ -26,6 +26,16 @@ from mmengine.fileio import LocalBackend, register_backend
 TMP_MARK = ".tmp-"
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once: changing the umask to read it is process-wide, unsafe to repeat while threads run.
+_UMASK = _read_umask()
+
+
 def _fsync_folder(folder: str) -> None:
     """Make a rename in ``folder`` durable (not possible on every platform)."""
     try:
@@ -56,9 +66,7 @@ def atomic_output(filepath: Union[str, Path]) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, filepath)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

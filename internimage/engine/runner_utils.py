@@ -244,9 +244,11 @@ def require_matching_checkpoint(runner, min_fraction: float):
     def load_checked(filename, *args, **kwargs):
         checkpoint = load(filename, *args, **kwargs)
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        # to_state_dict drops `module.` prefixes; so for the model's keys (a TTA model's `module.`).
+        # The keys as mmengine loads them: the 'state_dict' entry or the whole dict, `module.`
+        # prefixes dropped (and from the model's keys: a TTA model's `module.`).
         own = to_state_dict(model.state_dict()).keys()
-        check_coverage(own, to_state_dict(checkpoint).keys(), filename, min_fraction)
+        found = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
+        check_coverage(own, to_state_dict({"state_dict": found}).keys(), filename, min_fraction)
         return checkpoint
 
     runner.load_checkpoint = load_checked

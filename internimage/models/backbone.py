@@ -267,6 +267,8 @@ def resolve_arch(arch: Union[str, dict, None], **explicit) -> dict:
     if missing:
         raise ValueError(f"an arch dict must give channels, depths and groups; missing {missing} in {arch!r}")
     given = {k: v for k, v in explicit.items() if v is not None}
+    if isinstance(arch, dict):
+        given = {**arch, **given}  # a dict arch states its settings as explicitly as keywords
     settings.update(given)
     if not settings["level2_post_norm"]:
         if given.get("level2_post_norm_block_ids") is not None:
