@@ -58,7 +58,7 @@ def server(tmp_path, monkeypatch):
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
-        pass
+        """Keep the test output free of one access-log line per request."""
 
 
 def _evil_checkpoint(path, marker):

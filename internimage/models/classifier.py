@@ -144,12 +144,9 @@ class InternImageClassifier(InternImage):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map, NCHW: stage 4 (T..XL), or stages 3 and 4 fused (H/G)."""
+        *_, x3, x4 = self.forward_stages(x)  # the last stage has no downsampling
         if not self.use_clip_projector:
-            x = self.pos_drop(self.patch_embed(x))
-            for level in self.levels:
-                x = level(x)
-            return x.permute(0, 3, 1, 2)
-        *_, x3, x4 = self.forward_stages(x)
+            return x4.permute(0, 3, 1, 2)
         return self.dcnv3_head_x4(x4.permute(0, 3, 1, 2)) + self.dcnv3_head_x3(x3.permute(0, 3, 1, 2))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
