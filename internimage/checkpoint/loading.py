@@ -5,7 +5,10 @@ Formats recognised by :func:`to_state_dict` (one pure function, used by every lo
 * official classification: ``{'model': state_dict}``;
 * mmdet 2.x / mmseg 0.x detectors and segmentors, and this project's (mmengine)
   checkpoints: ``{'state_dict': state_dict, 'meta': ...}``, backbone keys under ``backbone.``;
-* a bare state dict.
+* a bare state dict;
+* the Hugging Face hub layout of the releases (a folder with ``config.json`` and
+  ``model.safetensors`` / ``pytorch_model.bin``, keys renamed back to the official ones by
+  :mod:`internimage.checkpoint.hub`).
 
 ``module.`` prefixes left by (Distributed)DataParallel are removed. Parameter names
 are the official ones, so no key is renamed.
@@ -45,7 +48,7 @@ from mmengine.logging import print_log
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from ..engine.fileio import atomic_output
-from . import safe_load  # noqa: F401  (allow-lists mmengine's checkpoint contents)
+from . import hub, safe_load  # noqa: F401  (safe_load allow-lists mmengine's checkpoint contents)
 
 # Classification-head modules of InternImageClassifier (absent from a backbone).
 HEAD_PREFIXES = ("conv_head.", "head.", "dcnv3_head_x4.", "dcnv3_head_x3.", "clip_projector.", "fc_norm.")
@@ -187,13 +190,19 @@ def load_from_release(filename: str, map_location=None):
 
 def load_file(filename: str, map_location="cpu", verify_hash: Optional[bool] = None) -> dict:
     """Read a checkpoint from a path or URL: hash checked when the name carries one, then
-    ``torch.load(weights_only=True)``. Other mmengine schemes (``s3://`` etc.) go through
-    mmengine's loaders."""
+    ``torch.load(weights_only=True)``. A Hugging Face hub folder (or its weights file) is read
+    by :func:`internimage.checkpoint.hub.load_hub_checkpoint`. Other mmengine schemes
+    (``s3://`` etc.) go through mmengine's loaders."""
     if _is_url(filename):
         return load_from_http_safe(filename, map_location, verify_hash=verify_hash)
     if "://" in filename:
         return CheckpointLoader.load_checkpoint(filename, map_location=map_location)
     path = os.path.expanduser(filename)
+    if hub.hub_folder_of(path) is not None:
+        return hub.load_hub_checkpoint(path, map_location)
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {filename} is a folder, but not a Hugging Face hub folder "
+                                f"(no {hub.CONFIG_NAME} or {' / '.join(hub.WEIGHT_FILES)} in it)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {filename} not found")
     verify_hash_in_name(path, verify_hash)
@@ -298,11 +307,27 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: Dict[str, torch.
     return result
 
 
+def check_hub_arch(model: torch.nn.Module, checkpoint: dict, source: str):
+    """Raise ``ValueError`` when ``checkpoint`` came from a hub folder whose ``config.json``
+    states an architecture other than ``model``'s (settings such as ``offset_scale`` change
+    the outputs without changing any weight's shape, so the shape checks cannot see them)."""
+    stated = ((checkpoint.get("meta") or {}).get("model_kwargs") or {}).get("arch") if isinstance(checkpoint, dict) \
+        else None
+    own = getattr(model, "arch_settings", None)
+    if not stated or not own:
+        return
+    differ = {k: (v, own[k]) for k, v in stated.items() if k in own and v != own[k]}
+    if differ:
+        details = ", ".join(f"{k}: {a!r} in the folder, {b!r} in the model" for k, (a, b) in differ.items())
+        raise ValueError(f"{source}: its config.json describes another architecture than the model's ({details})")
+
+
 def load_backbone_weights(backbone: torch.nn.Module, checkpoint, prefix: Optional[str] = None,
                           map_location="cpu", logger="current"):
     """Load the backbone part of any supported checkpoint (path, URL or loaded dict)."""
     source = checkpoint if isinstance(checkpoint, str) else "checkpoint"
     ckpt = load_file(checkpoint, map_location) if isinstance(checkpoint, str) else checkpoint
+    check_hub_arch(backbone, ckpt, source)
     print_log(f"Loading InternImage backbone weights from {source}", logger=logger)
     return load_state_dict_checked(backbone, backbone_state_dict(to_state_dict(ckpt), prefix),
                                    logger=logger, source=source)
@@ -312,6 +337,7 @@ def load_classifier_weights(model: torch.nn.Module, checkpoint, map_location="cp
     """Load a whole classifier; a head with another number of classes is skipped with a log line."""
     source = checkpoint if isinstance(checkpoint, str) else "checkpoint"
     ckpt = load_file(checkpoint, map_location) if isinstance(checkpoint, str) else checkpoint
+    check_hub_arch(model, ckpt, source)
     state_dict = to_state_dict(ckpt)
     if any(k.startswith("backbone.") for k in state_dict):  # a detector/segmentor: backbone only
         state_dict = backbone_state_dict(state_dict)

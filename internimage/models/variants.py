@@ -17,6 +17,8 @@ T/S/B, ImageNet-22k for L/XL, joint / pre-training for H/G).
 from typing import Dict, Union
 
 OFFICIAL_URL = "https://huggingface.co/OpenGVLab/InternImage/resolve/main/"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _H_G_EXTRAS = dict(dw_kernel_size=5, level2_post_norm=True, center_feature_scale=True)
 
@@ -120,6 +122,17 @@ def pretrained_url(name: str) -> str:
     except KeyError:
         raise KeyError(f"unknown InternImage release {name!r}; choose from {', '.join(PRETRAINED_CFGS)} "
                        f"or a variant {', '.join(ARCH_SETTINGS)}") from None
+
+
+def data_config(name: str) -> dict:
+    """timm's data config (what ``timm.data.create_transform`` takes) of the official evaluation
+    of a release (``'internimage_l_22kto1k_384'``) or of a variant's default one (``'l'``):
+    bicubic, ImageNet mean/std; at 224 the short side resized to 256 and the centre
+    cropped, above 224 the image resized to the input size ('squash')."""
+    release = PRETRAINED_CFGS.get(name) or PRETRAINED_CFGS[DEFAULT_PRETRAINED[variant_name(name)]]
+    size = release["input_size"]
+    return dict(input_size=(3, size, size), interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                crop_pct=release["crop_pct"], crop_mode="center" if release["crop_pct"] < 1 else "squash")
 
 
 # Classifier kwargs of each variant's default release, for code that iterates the variants.
