@@ -13,8 +13,10 @@ COCO / ADE20K datasets) in ``custom_imports``.
 from .checkpoint import load_backbone_weights, load_classifier_weights, to_state_dict
 from .checkpoint.hub import from_pretrained
 from .models import VARIANTS, InternImage, InternImageClassifier, build_model
+from .models.variants import scaled_variant
 from .registry import register_all
 from .version import __version__
 
-__all__ = ["InternImage", "InternImageClassifier", "build_model", "from_pretrained", "load_backbone_weights",
-           "load_classifier_weights", "to_state_dict", "VARIANTS", "register_all", "__version__"]
+__all__ = ["InternImage", "InternImageClassifier", "build_model", "from_pretrained", "scaled_variant",
+           "load_backbone_weights", "load_classifier_weights", "to_state_dict", "VARIANTS", "register_all",
+           "__version__"]

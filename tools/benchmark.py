@@ -7,6 +7,8 @@ them alike; peak memory is the growth of peak RSS in a fresh subprocess running 
 step after warm-up.
 
     python tools/benchmark.py [--threads N] [--repeats R] [--no-memory] [--bf16] [--json OUT]
+    python tools/benchmark.py --throughput [--models internimage_t_1k_224 convnext_tiny] [--batch 8]
+        [--device cpu|cuda]     # images/s at each model's native resolution, as the official --throughput
 
 ``--bf16`` adds inference under ``torch.autocast("cpu", torch.bfloat16)`` (informational;
 worthwhile on CPUs with native bfloat16 arithmetic, e.g. AVX512-BF16 or AMX).
@@ -18,7 +20,7 @@ import time
 
 import torch
 
-from internimage.utils.benchmark import peak_rss_growth
+from internimage.utils.benchmark import cpu_description, peak_rss_growth
 
 MODELS = ("internimage_t", "internimage_t_reference", "convnext_tiny", "swin_tiny")
 # (name, batch, H, W, mode); mode: inference | train | backbone | bf16 (autocast inference)
@@ -101,8 +103,66 @@ def peak_memory_mb(name, case_index, threads):
     return peak_rss_growth(__file__, "memory_step", dict(name=name, case_index=case_index), threads) / 2**20
 
 
+def throughput(names, batch, repeats, device="cpu"):
+    """Images per second of each timm model at its pretrained resolution (the official
+    ``--throughput``: inference on one fixed batch after warm-up), measured round-robin."""
+    import timm
+
+    import internimage  # noqa: F401  (registers the InternImage classifiers with timm)
+
+    steps, sizes = {}, {}
+    for name in names:
+        model = timm.create_model(name, pretrained=False).to(device).eval()
+        _, height, width = model.pretrained_cfg["input_size"]
+        sizes[name] = height
+        images = torch.rand(batch, 3, height, width, device=device)
+
+        def step(model=model, images=images):
+            with torch.inference_mode():
+                model(images)
+            if device != "cpu":
+                torch.cuda.synchronize()
+        for _ in range(2):
+            step()
+        steps[name] = step
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: dict(images_per_s=batch / statistics.median(t), input_size=sizes[name], batch=batch)
+            for name, t in times.items()}
+
+
+def throughput_main(args):
+    device = "cuda" if args.device == "cuda" else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    print(f"throughput on {cpu_description() if device == 'cpu' else torch.cuda.get_device_name()}, "
+          f"threads: {torch.get_num_threads()}, batch {args.batch}, median of {args.repeats}")
+    results = throughput(args.models, args.batch, args.repeats, device)
+    for name, row in results.items():
+        print(f"  {name:<28} {row['input_size']:>4}px {row['images_per_s']:9.1f} images/s")
+    if len(results) > 1:
+        first, *others = results
+        for other in others:
+            print(f"{first} / {other}: {results[first]['images_per_s'] / results[other]['images_per_s']:.2f}x "
+                  "the throughput")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cpu": cpu_description(), "threads": torch.get_num_threads(), "device": device,
+                       "throughput": results}, f, indent=2)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--throughput", action="store_true",
+                        help="images/s of classifiers at their native resolution (see --models, --batch)")
+    parser.add_argument("--models", nargs="+", default=["internimage_t_1k_224", "convnext_tiny"],
+                        help="--throughput: timm model names (default: InternImage-T and ConvNeXt-T)")
+    parser.add_argument("--batch", type=int, default=8, help="--throughput: batch size (default 8)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="--throughput: device")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-memory", action="store_true")
@@ -111,7 +171,10 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, threads: {torch.get_num_threads()}, median of {args.repeats} after warm-up")
+    if args.throughput:
+        return throughput_main(args)
+    print(f"torch {torch.__version__}, CPU: {cpu_description()}, threads: {torch.get_num_threads()}, "
+          f"median of {args.repeats} after warm-up")
 
     results = {}
     for index, case in enumerate(CASES + BF16_CASES):
@@ -138,8 +201,8 @@ def main():
         print(line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "results": results}, f,
-                      indent=2)
+            json.dump({"cpu": cpu_description(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                       "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ weights file; ``module.`` prefixes removed) and writes
   to the folder OUT (``config.json``, ``preprocessor_config.json``, ``model.safetensors``
   with the official key names), for the official remote code.
 
-    python tools/convert_checkpoint.py IN OUT
+    python tools/convert_checkpoint.py IN OUT [--head-22k-to-1k]
     python tools/convert_checkpoint.py IN OUT_DIR --to hf [--variant t] [--weights bin]
 
 For ``--to hf`` the architecture comes from, in this order: ``--model-config`` (a JSON
@@ -66,7 +66,12 @@ def main():
     parser.add_argument("--weights", choices=("safetensors", "bin"), default="safetensors",
                         help="--to hf: model.safetensors (default) or pytorch_model.bin")
     parser.add_argument("--name", help="--to hf: the hub name written as _name_or_path, e.g. me/internimage_t_ft")
+    parser.add_argument("--head-22k-to-1k", action="store_true",
+                        help="cut a 21,841-class ImageNet-22k head to the 1,000 ImageNet-1k classes "
+                             "(the official map; for fine-tuning or evaluating on ImageNet-1k)")
     args = parser.parse_args()
+    if args.to == "hf" and args.head_22k_to_1k:
+        parser.error("--head-22k-to-1k writes this project's format; convert first, then write --to hf")
     if args.to == "hf":
         try:
             to_hf(args)
@@ -77,7 +82,10 @@ def main():
         parser.error("--variant and --model-config only apply to --to hf")
     from internimage.checkpoint import convert_checkpoint
 
-    converted = convert_checkpoint(args.src, args.dst)
+    try:
+        converted = convert_checkpoint(args.src, args.dst, head_22k_to_1k=args.head_22k_to_1k)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     print(f"wrote {args.dst}: {len(converted['state_dict'])} tensors")
 
 

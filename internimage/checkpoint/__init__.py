@@ -17,6 +17,7 @@ from .loading import (
                       load_file,
                       load_from_http_safe,
                       load_state_dict_checked,
+                      map_head_22k_to_1k,
                       refuse_overwriting,
                       save_atomic,
                       sha256_of,
@@ -28,5 +29,5 @@ from .loading import (
 __all__ = ["HASH_IN_NAME", "HEAD_PREFIXES", "VERIFY_ENV", "backbone_state_dict", "check_coverage",
            "convert_checkpoint", "download_checkpoint", "hash_in_name", "load_backbone_weights",
            "load_classifier_weights", "load_file", "load_from_http_safe", "load_state_dict_checked",
-           "refuse_overwriting", "save_atomic", "sha256_of", "to_state_dict", "torch_load_safe",
+           "map_head_22k_to_1k", "refuse_overwriting", "save_atomic", "sha256_of", "to_state_dict", "torch_load_safe",
            "verify_hash_in_name"]

@@ -54,6 +54,10 @@ from . import hub, safe_load  # noqa: F401  (safe_load allow-lists mmengine's ch
 HEAD_PREFIXES = ("conv_head.", "head.", "dcnv3_head_x4.", "dcnv3_head_x3.", "clip_projector.", "fc_norm.")
 HASH_IN_NAME = re.compile(r"-([0-9a-fA-F]{8,64})\.pth$")
 VERIFY_ENV = "INTERNIMAGE_VERIFY_HASH"
+# The official ImageNet-22k -> 1k class map, copied unchanged from OpenGVLab/InternImage
+# (classification/meta_data/map22kto1k.txt): line i is the 22k index of 1k class i.
+MAP_22K_TO_1K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "map22kto1k.txt")
+IN22K_CLASSES, IN1K_CLASSES = 21841, 1000
 # A checkpoint must provide at least this fraction of a model's state-dict entries to count
 # as that model's weights (layer-scale gammas and a new head may be missing; nothing at all
 # matching means the wrong file).
@@ -333,14 +337,46 @@ def load_backbone_weights(backbone: torch.nn.Module, checkpoint, prefix: Optiona
                                    logger=logger, source=source)
 
 
-def load_classifier_weights(model: torch.nn.Module, checkpoint, map_location="cpu", logger="current"):
-    """Load a whole classifier; a head with another number of classes is skipped with a log line."""
+def imagenet_22k_to_1k_rows() -> torch.Tensor:
+    """The official map from ImageNet-1k classes to ImageNet-22k ones (:data:`MAP_22K_TO_1K`):
+    entry i is the 22k class index of 1k class i."""
+    with open(MAP_22K_TO_1K) as f:
+        rows = [int(line) for line in f if line.strip()]
+    if len(rows) != IN1K_CLASSES or not all(0 <= r < IN22K_CLASSES for r in rows):
+        raise ValueError(f"{MAP_22K_TO_1K} must hold {IN1K_CLASSES} class indices below {IN22K_CLASSES}")
+    return torch.tensor(rows)
+
+
+def map_head_22k_to_1k(state_dict: Dict[str, torch.Tensor], num_classes: int, logger="current") -> Dict:
+    """``state_dict`` with a 21,841-class classifier (``head.weight``/``head.bias``) cut to the
+    1,000 ImageNet-1k classes when ``num_classes`` is 1,000, as the official fine-tuning does;
+    otherwise unchanged."""
+    head = state_dict.get("head.weight")
+    if num_classes != IN1K_CLASSES or head is None or head.shape[0] != IN22K_CLASSES:
+        return state_dict
+    rows = imagenet_22k_to_1k_rows()
+    mapped = OrderedDict(state_dict)
+    for key in ("head.weight", "head.bias"):
+        if key in mapped:
+            mapped[key] = mapped[key].index_select(0, rows.to(mapped[key].device))
+    print_log(f"Classifier head cut from {IN22K_CLASSES} ImageNet-22k to {IN1K_CLASSES} ImageNet-1k classes "
+              f"with the official map ({os.path.basename(MAP_22K_TO_1K)})", logger=logger)
+    return mapped
+
+
+def load_classifier_weights(model: torch.nn.Module, checkpoint, map_location="cpu", logger="current",
+                            head_22k_to_1k: bool = True):
+    """Load a whole classifier; a head with another number of classes is skipped with a log line,
+    except that a 21,841-class head loaded into a 1,000-class model is cut to the ImageNet-1k
+    classes (:func:`map_head_22k_to_1k`; ``head_22k_to_1k=False`` skips it instead)."""
     source = checkpoint if isinstance(checkpoint, str) else "checkpoint"
     ckpt = load_file(checkpoint, map_location) if isinstance(checkpoint, str) else checkpoint
     check_hub_arch(model, ckpt, source)
     state_dict = to_state_dict(ckpt)
     if any(k.startswith("backbone.") for k in state_dict):  # a detector/segmentor: backbone only
         state_dict = backbone_state_dict(state_dict)
+    if head_22k_to_1k:
+        state_dict = map_head_22k_to_1k(state_dict, getattr(model, "num_classes", None), logger)
     return load_state_dict_checked(model, state_dict, skip_mismatched=HEAD_PREFIXES, logger=logger,
                                    source=source)
 
@@ -359,8 +395,9 @@ def refuse_overwriting(src: str, dst: str, what: str = "output"):
                          "choose another output name")
 
 
-def convert_checkpoint(src, dst: str) -> dict:
-    """Write any supported checkpoint (path, URL or dict) in this project's (mmengine) form."""
+def convert_checkpoint(src, dst: str, head_22k_to_1k: bool = False) -> dict:
+    """Write any supported checkpoint (path, URL or dict) in this project's (mmengine) form;
+    with ``head_22k_to_1k`` a 21,841-class head is cut to ImageNet-1k's 1,000 classes."""
     from ..version import __version__
 
     refuse_overwriting(src, dst)
@@ -369,6 +406,14 @@ def convert_checkpoint(src, dst: str) -> dict:
     if "CLASSES" in meta and "dataset_meta" not in meta:  # mmdet 2.x / mmseg 0.x naming
         meta["dataset_meta"] = {"classes": tuple(meta["CLASSES"])}
     meta.update(internimage_version=__version__, converted_from=src if isinstance(src, str) else "<dict>")
-    converted = {"state_dict": to_state_dict(ckpt), "meta": meta}
+    state_dict = to_state_dict(ckpt)
+    if head_22k_to_1k:
+        head = state_dict.get("head.weight")
+        if head is None or head.shape[0] != IN22K_CLASSES:
+            raise ValueError(f"{src} has no {IN22K_CLASSES}-class head to cut to ImageNet-1k "
+                             f"(head.weight: {None if head is None else tuple(head.shape)})")
+        state_dict = map_head_22k_to_1k(state_dict, IN1K_CLASSES)
+        meta["head_22k_to_1k"] = True
+    converted = {"state_dict": state_dict, "meta": meta}
     save_atomic(converted, dst)
     return converted

@@ -114,6 +114,7 @@ class InternImageClassifier(InternImage):
                 build_norm_layer(head_features, "BN", "channels_first", "channels_first"),
                 build_act_layer(act_layer))
             self.head = nn.Linear(head_features, num_classes) if num_classes > 0 else nn.Identity()
+            self._head_in_features = head_features
         else:
             pretrain_embed_dim, upscale, attn_heads, clip_embed_dim = 1024, 2, 16, 768
             self.dcnv3_head_x4 = nn.Sequential(
@@ -124,6 +125,7 @@ class InternImageClassifier(InternImage):
                                                         norm_layer=norm_layer, out_dim=clip_embed_dim)
             self.fc_norm = build_norm_layer(clip_embed_dim, norm_layer, eps=1e-6)
             self.head = nn.Linear(clip_embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+            self._head_in_features = clip_embed_dim
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         heads = ([self.conv_head, self.head] if not use_clip_projector else
                  [self.dcnv3_head_x4, self.dcnv3_head_x3, self.clip_projector, self.fc_norm, self.head])
@@ -137,17 +139,77 @@ class InternImageClassifier(InternImage):
             from ..checkpoint import load_classifier_weights
 
             load_classifier_weights(self, self.init_cfg["checkpoint"],
-                                    map_location=self.init_cfg.get("map_location", "cpu"))
+                                    map_location=self.init_cfg.get("map_location", "cpu"),
+                                    head_22k_to_1k=self.init_cfg.get("head_22k_to_1k", True))
             self._is_init = True
             return
         super().init_weights()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map, NCHW: stage 4 (T..XL), or stages 3 and 4 fused (H/G)."""
-        *_, x3, x4 = self.forward_stages(x)  # the last stage has no downsampling
+        return self._last_features(self.forward_stages(x))  # the last stage has no downsampling
+
+    def _last_features(self, stages):
+        *_, x3, x4 = stages
         if not self.use_clip_projector:
             return x4.permute(0, 3, 1, 2)
         return self.dcnv3_head_x4(x4.permute(0, 3, 1, 2)) + self.dcnv3_head_x3(x3.permute(0, 3, 1, 2))
+
+    # --- timm's model interface (feature extraction, classifier access) ---------------
+
+    @property
+    def feature_info(self):
+        """Stage outputs as timm describes them (channels, stride, module)."""
+        return [dict(num_chs=self.channels * 2 ** i, reduction=4 * 2 ** i, module=f"levels.{i}")
+                for i in range(len(self.levels))]
+
+    def _take_indices(self, indices):
+        count = len(self.levels)
+        if indices is None:
+            take = list(range(count))
+        elif isinstance(indices, int):
+            take = list(range(count - indices, count))
+        else:
+            take = [i + count if i < 0 else i for i in indices]
+        if not take or any(not 0 <= i < count for i in take):
+            raise ValueError(f"stage indices must be within 0..{count - 1} (or negative from the end), got {indices!r}")
+        return take
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature API: the stage outputs in ``indices`` (NCHW; all stages by default,
+        an int n for the last n), and unless ``intermediates_only`` the last feature map too.
+        ``norm`` has no effect: each stage already ends in its norm (or post-norms)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"InternImage features are NCHW; output_fmt {output_fmt!r} is not supported")
+        take = self._take_indices(indices)
+        last = max(take) if (stop_early or intermediates_only) else None
+        stages = self.forward_stages(x, last=last)
+        intermediates = [stages[i].permute(0, 3, 1, 2) for i in take]
+        if intermediates_only:
+            return intermediates
+        return self._last_features(stages), intermediates
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
+        """Drop the stages after the last one in ``indices`` and, with ``prune_head``, the
+        classification head (for ``timm.create_model(..., features_only=True)``)."""
+        take = self._take_indices(indices)
+        self.levels = self.levels[:max(take) + 1]
+        if prune_head:
+            for name in ("conv_head", "dcnv3_head_x4", "dcnv3_head_x3", "clip_projector", "fc_norm"):
+                if hasattr(self, name):
+                    setattr(self, name, nn.Identity())
+            self.reset_classifier(0)
+        return take
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int):
+        """A new (initialised) linear classifier for ``num_classes`` (0: none, pooled features)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self._head_in_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.apply(self._init_module)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool the feature map and classify it; ``pre_logits=True`` stops before the classifier."""

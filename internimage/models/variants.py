@@ -14,7 +14,7 @@ pretrained=True)`` loads (the ImageNet-1k classifier), and ``BACKBONE_PRETRAINED
 the detection and segmentation configs start from (the official recipes: ImageNet-1k for
 T/S/B, ImageNet-22k for L/XL, joint / pre-training for H/G).
 """
-from typing import Dict, Union
+from typing import Dict, Optional, Tuple, Union
 
 OFFICIAL_URL = "https://huggingface.co/OpenGVLab/InternImage/resolve/main/"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -122,6 +122,38 @@ def pretrained_url(name: str) -> str:
     except KeyError:
         raise KeyError(f"unknown InternImage release {name!r}; choose from {', '.join(PRETRAINED_CFGS)} "
                        f"or a variant {', '.join(ARCH_SETTINGS)}") from None
+
+
+# Compound scaling of the paper (section 3.3): depth grows by ALPHA ** phi and width by
+# BETA ** phi, with ALPHA * BETA ** 1.99 close to 2 (each step about doubles the FLOPs).
+ALPHA, BETA = 1.09, 1.36
+
+
+def scaled_variant(c1: int, group_channels: int, l1: int, l3: int, l4: Optional[int] = None, **options) -> dict:
+    """Constructor settings of a variant given the paper's four numbers: ``c1`` channels of
+    stage 1 (doubling at each stage), ``group_channels`` (C') channels per DCNv3 group, and
+    the depths of the "AABA" pattern ``[l1, l1, l3, l1]`` (``l4`` for a last stage deeper than
+    the first ones, as G's ``[2, 2, 48, 4]``). ``options`` are other architecture settings
+    (``offset_scale``, ``post_norm``, the H/G extras ...) and are returned with them::
+
+        InternImage(arch=scaled_variant(96, 16, 4, 20, post_norm=True))   # a size between S and B
+    """
+    for name, value in (("c1", c1), ("group_channels", group_channels), ("l1", l1), ("l3", l3)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if c1 % group_channels:
+        raise ValueError(f"c1={c1} must be a multiple of group_channels={group_channels} (groups = channels / C')")
+    unknown = sorted(set(options) - set(ARCH_KEYS))
+    if unknown:
+        raise ValueError(f"unknown architecture settings {unknown}; allowed: {list(ARCH_KEYS)}")
+    depths = [l1, l1, l3, l1 if l4 is None else l4]
+    groups = [c1 * 2 ** i // group_channels for i in range(4)]
+    return dict(channels=c1, depths=depths, groups=groups, **options)
+
+
+def compound_scaling(phi: float) -> Tuple[float, float]:
+    """(depth factor, width factor) of scaling step ``phi``: ``ALPHA ** phi, BETA ** phi``."""
+    return ALPHA ** phi, BETA ** phi
 
 
 def data_config(name: str) -> dict:

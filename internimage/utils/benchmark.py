@@ -43,3 +43,22 @@ def peak_rss_growth(path: str, factory: str, kwargs: dict, threads: int) -> int:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
     return int(out.stdout.strip().splitlines()[-1]) * 1024
+
+
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the vector/matrix ISA extensions that matter to the kernels
+    (from ``/proc/cpuinfo`` on Linux; the platform string elsewhere)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return f"{fields.get('model name', platform.machine())} [{' '.join(f for f in ISA_FLAGS if f in flags)}]"
