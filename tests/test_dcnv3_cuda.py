@@ -14,7 +14,15 @@ from ops_dcnv3 import dcnv3, dcnv3_reference
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_dcnv3_op import make_case, random_configs, rel_err, run_in_child, run_with_grads  # noqa: E402
+from test_dcnv3_op import (  # noqa: E402
+    MODEL_CONFIGS,
+    logits_like,
+    make_case,
+    random_configs,
+    rel_err,
+    run_in_child,
+    run_with_grads,
+)
 
 HAS_NVCC = shutil.which("nvcc") is not None or os.path.exists("/usr/local/cuda/bin/nvcc")
 HAS_CUDA_OP = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -35,20 +43,28 @@ def to_cuda(*tensors):
 
 
 @needs_gpu
-@pytest.mark.parametrize("cfg", random_configs(20, seed=7), ids=lambda c: str(c["seed"]))
-def test_cuda_matches_reference_float64(cfg):
+@pytest.mark.parametrize("softmax", [False, True], ids=["mask", "softmax"])
+@pytest.mark.parametrize("cfg", random_configs(20, seed=7) + MODEL_CONFIGS,
+                         ids=lambda c: f"{c['seed']}-cg{c['group_channels']}")
+def test_cuda_matches_reference_float64(cfg, softmax):
     input, offset, mask, params = make_case(**cfg)
+    if softmax:
+        mask = logits_like(mask, cfg["seed"])
+    params = params + (softmax,)
     out, grads = run_with_grads(dcnv3, *to_cuda(input, offset, mask), params)
     ref, ref_grads = run_with_grads(dcnv3_reference, input, offset, mask, params)
-    assert rel_err(out.cpu(), ref) < 1e-10
-    for grad, ref_grad in zip(grads, ref_grads):
-        assert rel_err(grad.cpu(), ref_grad) < 1e-9
+    assert out.is_cuda and all(grad.is_cuda for grad in grads)
+    assert rel_err(out.cpu(), ref) < 1e-10, cfg
+    for grad, ref_grad, name in zip(grads, ref_grads, ("input", "offset", "mask")):
+        assert rel_err(grad.cpu(), ref_grad) < 1e-9, (name, cfg)
 
 
 @needs_gpu
+@pytest.mark.parametrize("offset_scale", [1.0, 0.1])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)])
-def test_cuda_agrees_with_cpu_kernels(dtype, tol):
-    input, offset, mask, params = make_case(2, 14, 13, 3, 3, 1, 1, 1, 1, 1, 1, 4, 16, 1.0, False, dtype=dtype)
+def test_cuda_agrees_with_cpu_kernels(dtype, tol, offset_scale):
+    input, offset, mask, params = make_case(2, 14, 13, 3, 3, 1, 1, 1, 1, 1, 1, 4, 16, offset_scale, False, dtype=dtype,
+                                            offset_range=2.0 / offset_scale)
     grad_output = torch.randn(2, 14, 13, 64, dtype=torch.float64).to(dtype)
     out, grads = run_with_grads(dcnv3, *to_cuda(input, offset, mask), params, grad_output.cuda())
     cpu_out, cpu_grads = run_with_grads(dcnv3, input, offset, mask, params, grad_output)
@@ -62,8 +78,77 @@ def test_cuda_gradcheck_and_opcheck():
     input, offset, mask, params = make_case(2, 5, 4, 3, 3, 2, 1, 0, 2, 1, 1, 2, 3, 1.5, True, offset_range=1.3)
     inputs = tuple(t.cuda().requires_grad_() for t in (input, offset, mask))
     assert torch.autograd.gradcheck(lambda i, o, m: dcnv3(i, o, m, *params), inputs, eps=1e-6, atol=1e-6)
+    logits = inputs[:2] + (logits_like(mask, 3).cuda().requires_grad_(),)
+    assert torch.autograd.gradcheck(lambda i, o, m: dcnv3(i, o, m, *params, softmax=True), logits, eps=1e-6,
+                                    atol=1e-6)
     torch.library.opcheck(torch.ops.ops_dcnv3.dcnv3_forward.default,
                           tuple(t.detach().float().requires_grad_() for t in inputs) + params)
+
+
+@needs_gpu
+@pytest.mark.parametrize("group_channels", [16, 32])
+def test_cuda_gradcheck_softmax_model_shapes(group_channels):
+    # The models' path: fused softmax over non-uniform logits, remove_center, 16 or 32
+    # channels per group (one shuffle segment of half or all of a warp), offset_scale 0.1.
+    input, offset, mask, params = make_case(1, 4, 5, 3, 3, 1, 1, 1, 1, 1, 1, 2, group_channels, 0.1, True,
+                                            offset_range=10.0, seed=group_channels)
+    inputs = tuple(t.cuda().requires_grad_() for t in (input, offset, logits_like(mask, group_channels)))
+    assert torch.autograd.gradcheck(lambda i, o, m: dcnv3(i, o, m, *params, softmax=True), inputs, eps=1e-6,
+                                    atol=1e-6)
+
+
+@needs_gpu
+def test_cuda_backward_reports_that_it_is_not_deterministic():
+    # Its atomics add in a different order on every run (the CPU backward is deterministic).
+    input, offset, mask, params = make_case(1, 5, 5, 3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0, False)
+    tensors = to_cuda(input, offset, mask)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        dcnv3(*tensors, *params)  # the forward has no atomics
+        with pytest.raises(RuntimeError, match="dcnv3_backward_cuda does not have a deterministic implementation"):
+            run_with_grads(dcnv3, *tensors, params)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def softmax_probe():
+    """float32 inputs whose dcnv3 output, with softmax, is one softmax weight per element,
+    and those weights in float64. Zero offsets put each point of a 3x3 kernel on a pixel,
+    and the input is 1 on every third row and column and 0 elsewhere, so output pixel
+    (ho, wo) sees exactly one 1, through point k = 3 i + j with i = (2 - wo) % 3 and
+    j = (2 - ho) % 3. The logits are integers spread over about 40: logit - max is exact,
+    and its exp within 2 ulp with expf, but up to ~50 ulp off with --use_fast_math's
+    __expf (2 + 1.16 |x| ulp)."""
+    n, h, w, group, group_channels = 2, 12, 9, 2, 4
+    input = torch.zeros(n, h, w, group * group_channels)
+    input[:, 1::3, 1::3] = 1
+    offset = torch.zeros(n, h, w, group * 9 * 2)
+    logits = logits_like(torch.zeros(n, h, w, group * 9), seed=9, scale=6.0).round()
+    point = 3 * ((2 - torch.arange(w)) % 3)[None, :] + ((2 - torch.arange(h)) % 3)[:, None]
+    weights = logits.double().reshape(n, h, w, group, 9).softmax(-1)
+    expected = weights.gather(-1, point[None, :, :, None, None].expand(n, h, w, group, 1))
+    params = (3, 3, 1, 1, 1, 1, 1, 1, group, group_channels, 1.0, False, True)
+    return (input, offset, logits), params, expected.squeeze(-1).repeat_interleave(group_channels, -1)
+
+
+def softmax_probe_error(fn, device="cpu"):
+    """Largest relative error of the float32 softmax weights that fn computes."""
+    tensors, params, expected = softmax_probe()
+    out = fn(*(t.to(device) for t in tensors), *params).cpu()
+    return ((out.double() - expected).abs() / expected).max().item()
+
+
+def test_float32_softmax_weights_on_cpu_within_a_few_ulp():
+    # The probe of the GPU test below, on the CPU kernels (std::exp, IEEE division).
+    assert softmax_probe_error(dcnv3) < 1e-6
+
+
+@needs_gpu
+def test_cuda_float32_softmax_weights_within_a_few_ulp():
+    # Built without --use_fast_math: expf within 2 ulp and IEEE division, so each weight is
+    # within a few ulp of the float64 value, like the CPU's.
+    assert softmax_probe_error(dcnv3, "cuda") < 1e-6
 
 
 @needs_gpu

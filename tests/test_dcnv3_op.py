@@ -37,12 +37,35 @@ def make_case(n, h, w, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dil
 
 
 def run_with_grads(fn, input, offset, mask, params, grad_output=None):
+    """fn's output and the gradients of input, offset and mask for `grad_output` (default:
+    seeded normal values, the same on every device), which goes to the output's device
+    and dtype."""
     tensors = [t.detach().clone().requires_grad_() for t in (input, offset, mask)]
     out = fn(*tensors, *params)
     if grad_output is None:
         grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    out.backward(grad_output.to(out.dtype))
+    out.backward(grad_output.to(device=out.device, dtype=out.dtype))
     return out.detach(), [t.grad for t in tensors]
+
+
+def test_run_with_grads_puts_grad_output_on_the_outputs_device():
+    # The CUDA tests call it with CUDA tensors: a grad_output left on the CPU made every
+    # one of them fail in backward. The meta device stands in for CUDA here.
+    input, offset, mask, params = make_case(1, 4, 5, 3, 3, 1, 1, 1, 1, 1, 1, 2, 3, 1.0, False)
+    seen = []
+
+    def fn(i, o, m, *params):
+        seen.append(params)
+        return i * 2 + o.sum() * m.sum()
+
+    out, grads = run_with_grads(fn, *(t.to("meta") for t in (input, offset, mask)), params)
+    assert seen == [params]
+    assert out.device.type == "meta" and all(g.device.type == "meta" and g.shape == t.shape
+                                            for g, t in zip(grads, (input, offset, mask)))
+    # The default grad_output does not depend on the device: CPU and GPU runs compare.
+    _, (grad_input, _, _) = run_with_grads(fn, input, offset, mask, params)
+    expected = torch.randn(input.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2
+    torch.testing.assert_close(grad_input, expected, rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +97,7 @@ def random_configs(count, seed):
                    kernel_w=kernel_w, stride_h=rng.randint(1, 3), stride_w=rng.randint(1, 3),
                    pad_h=rng.randint(0, 3), pad_w=rng.randint(0, 3), dilation_h=rng.randint(1, 2),
                    dilation_w=rng.randint(1, 2), group=rng.choice([1, 2, 3, 5]),
-                   group_channels=rng.choice([1, 3, 4, 6, 8, 17]), offset_scale=rng.choice([0.5, 1.0, 2.0]),
+                   group_channels=rng.choice([1, 3, 4, 6, 8, 17]), offset_scale=rng.choice([0.1, 0.5, 1.0, 2.0]),
                    remove_center=remove_center, offset_range=rng.choice([0.5, 2.0, 8.0]), seed=rng.randint(0, 10**6))
         ho, wo = dcnv3_output_size(cfg["h"], cfg["w"], kernel_h, kernel_w, cfg["stride_h"], cfg["stride_w"],
                                    cfg["pad_h"], cfg["pad_w"], cfg["dilation_h"], cfg["dilation_w"])
@@ -83,12 +106,33 @@ def random_configs(count, seed):
     return configs
 
 
+# The shapes of the real models: 3x3 kernels, group_channels 16 (InternImage-T..XL) and 32
+# (H, G), remove_center (the models that set it), offset_scale 1.0 and 0.1 (not exact in
+# float32), stride and dilation.
+MODEL_CONFIGS = [
+    dict(n=2, h=9, w=8, kernel_h=3, kernel_w=3, stride_h=1, stride_w=1, pad_h=1, pad_w=1, dilation_h=1,
+         dilation_w=1, group=4, group_channels=16, offset_scale=1.0, remove_center=False, offset_range=2.0, seed=16),
+    dict(n=2, h=9, w=8, kernel_h=3, kernel_w=3, stride_h=1, stride_w=1, pad_h=1, pad_w=1, dilation_h=1,
+         dilation_w=1, group=3, group_channels=16, offset_scale=0.1, remove_center=True, offset_range=8.0, seed=17),
+    dict(n=1, h=10, w=9, kernel_h=3, kernel_w=3, stride_h=2, stride_w=1, pad_h=2, pad_w=1, dilation_h=2,
+         dilation_w=1, group=2, group_channels=32, offset_scale=1.0, remove_center=True, offset_range=2.0, seed=32),
+    dict(n=2, h=7, w=8, kernel_h=3, kernel_w=3, stride_h=1, stride_w=1, pad_h=1, pad_w=1, dilation_h=1,
+         dilation_w=1, group=2, group_channels=32, offset_scale=0.1, remove_center=False, offset_range=8.0, seed=33),
+]
+
+
+def logits_like(mask, seed, scale=3.0):
+    """Softmax logits of any scale, far from uniform (the module's zero-initialised mask
+    weights give equal logits, which test little)."""
+    return torch.randn(mask.shape, dtype=mask.dtype, generator=torch.Generator().manual_seed(seed)) * scale
+
+
 @pytest.mark.parametrize("softmax", [False, True], ids=["mask", "softmax"])
-@pytest.mark.parametrize("cfg", random_configs(40, seed=2024), ids=lambda c: str(c["seed"]))
+@pytest.mark.parametrize("cfg", random_configs(40, seed=2024) + MODEL_CONFIGS, ids=lambda c: str(c["seed"]))
 def test_matches_reference_on_random_cases(cfg, softmax):
     input, offset, mask, params = make_case(**cfg)
-    if softmax:  # logits of any scale
-        mask = torch.randn(mask.shape, dtype=mask.dtype, generator=torch.Generator().manual_seed(cfg["seed"])) * 3
+    if softmax:
+        mask = logits_like(mask, cfg["seed"])
     assert_kernels_match_reference(input, offset, mask, params + (softmax,), cfg)
 
 
@@ -129,6 +173,7 @@ def test_gradcheck_float64():
             cfg["pad_w"], 1, 1, cfg["group"], 3, 1.5, cfg["remove_center"], offset_range=1.3)
         inputs = tuple(t.requires_grad_() for t in (input, offset, mask))
         assert torch.autograd.gradcheck(lambda i, o, m: dcnv3(i, o, m, *params), inputs, eps=1e-6, atol=1e-6)
+        inputs = inputs[:2] + (logits_like(mask, 3).requires_grad_(),)
         assert torch.autograd.gradcheck(lambda i, o, m: dcnv3(i, o, m, *params, softmax=True), inputs, eps=1e-6,
                                         atol=1e-6)
 
@@ -285,6 +330,43 @@ def test_deterministic_and_thread_count_independent():
     torch.testing.assert_close(out_1, out_a)
     for a, b in zip(grads_1, grads_a):
         torch.testing.assert_close(a, b)
+
+
+def test_cpu_backward_is_deterministic_even_under_use_deterministic_algorithms():
+    # No atomics: grad_input is accumulated per (image, group) pair, or in band buffers
+    # summed in a fixed order, so two runs agree bit for bit and the op does not report
+    # itself as non-deterministic (the CUDA backward does: tests/test_dcnv3_cuda.py).
+    input, offset, mask, params = make_case(2, 12, 11, 3, 3, 1, 1, 1, 1, 1, 1, 2, 8, 0.1, False, dtype=torch.float32,
+                                            offset_range=30.0)
+    params = params + (True,)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        for count in (1, 64):  # 4 pairs: straight into grad_input at 1 thread, in bands at 64
+            torch.set_num_threads(count)
+            (out_a, grads_a), (out_b, grads_b) = [run_with_grads(dcnv3, input, offset, mask, params) for _ in range(2)]
+            assert torch.equal(out_a, out_b), count
+            assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b)), count
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_infinite_mask_gives_inf_like_the_reference(dtype):
+    # Zero offsets put every point on a pixel centre, so three of its four corners have
+    # bilinear weight 0. The output is m * sum_q(w_q v_q) as in the reference (and the
+    # CUDA kernels): +-Inf. Folding m into the corner weights gave Inf * 0 = NaN.
+    input, offset, mask, params = make_case(2, 6, 7, 3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0, False, dtype=dtype)
+    offset = torch.zeros_like(offset)
+    mask = mask.clone()
+    mask[0, 2, 3, 4] = float("inf")  # centre point, group 0
+    mask[1, 4, 5, 9 + 4] = -float("inf")  # centre point, group 1
+    mask[1, 1, 1, 9 + 0] = float("inf")  # point (i, j) = (0, 0), group 1: pixel (0, 0)
+    out = dcnv3(input, offset, mask, *params)
+    ref = dcnv3_reference(input, offset, mask, *params)
+    assert ref.isinf().sum() == 12 and not ref.isnan().any()
+    torch.testing.assert_close(out, ref)
 
 
 def backward_peak_bytes(args):

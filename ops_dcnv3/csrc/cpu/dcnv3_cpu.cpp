@@ -11,7 +11,8 @@
 // diverged offset weights give) makes the output channels of its (pixel, group) NaN and
 // gets NaN offset and mask gradients, as the grid_sample reference does, so that the
 // divergence reaches the loss instead of being hidden; it reads and writes no memory.
-// A non-finite mask value propagates through the product like any multiplication.
+// A non-finite mask value m multiplies the point's bilinear value, m * sum_q(w_q v_q), as
+// in the reference: an infinite mask gives +-Inf (NaN only where that value is 0).
 //
 // The backward splits an (image, group) pair into bands of output rows when there are
 // too few pairs to occupy the threads. The bands scatter into private grad_input
@@ -175,13 +176,23 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
         for (int corner = 0; corner < 4; ++corner) {
           const bool inside = c.pixel[corner] >= 0;
           v[corner] = inside ? image + c.pixel[corner] * C + g * Cg : zeros.data();
-          w[corner] = inside ? m * c.weight[corner] : acc_t(0);
+          w[corner] = inside ? c.weight[corner] : acc_t(0);
         }
         const scalar_t *__restrict v0 = v[0], *__restrict v1 = v[1], *__restrict v2 = v[2],
                                    *__restrict v3 = v[3];
-        for (int64_t ch = 0; ch < Cg; ++ch) {
-          a[ch] += w[0] * acc_t(v0[ch]) + w[1] * acc_t(v1[ch]) + w[2] * acc_t(v2[ch]) +
-                   w[3] * acc_t(v3[ch]);
+        if (std::isfinite(m)) {  // m folded into the corner weights: 4 multiply-adds a channel
+          const acc_t w0 = m * w[0], w1 = m * w[1], w2 = m * w[2], w3 = m * w[3];
+          for (int64_t ch = 0; ch < Cg; ++ch) {
+            a[ch] += w0 * acc_t(v0[ch]) + w1 * acc_t(v1[ch]) + w2 * acc_t(v2[ch]) + w3 * acc_t(v3[ch]);
+          }
+        } else {
+          // m * (bilinear value), as the reference and the CUDA kernels compute it: folded
+          // into the weights, an infinite m times a corner of weight 0 would give NaN where
+          // they give +-Inf.
+          for (int64_t ch = 0; ch < Cg; ++ch) {
+            a[ch] += m * (w[0] * acc_t(v0[ch]) + w[1] * acc_t(v1[ch]) + w[2] * acc_t(v2[ch]) +
+                          w[3] * acc_t(v3[ch]));
+          }
         }
       }
       scalar_t* out = output + idx * C + g * Cg;
