@@ -15,7 +15,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PY:-$ROOT/.venv/bin/python}
-SELECT=${SELECT:-"bad_input or bad_sizes or remove_center or non_finite or far_offsets or batch_zero or compiled_op_checks or bands or memory"}
+SELECT=${SELECT:-"bad_input or bad_sizes or remove_center or non_finite or far_offsets or batch_zero or compiled_op_checks or bands or memory or infinite_mask or deterministic or random_cases"}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/dcnv3-sanitize.XXXXXX")
 if [ "${KEEP:-0}" = 1 ]; then
   echo "[sanitize] keeping $WORK"
