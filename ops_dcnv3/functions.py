@@ -21,15 +21,27 @@ with ``half_w = dilation_w*(kernel_w-1)//2``. A location outside the open box
 not finite (NaN or +-Inf in x or y, as diverged offset weights give) makes the output
 of its pixel and group NaN and gets NaN offset and mask gradients, as ``grid_sample``
 gives in the reference, so that the divergence reaches the loss.
+
+CPU tensors always run the C++ kernels. CUDA tensors run one of three implementations, the
+*backend*: ``cuda`` (the C++/CUDA kernels, the default), ``triton`` (``ops_dcnv3.triton_ops``)
+or ``reference``, chosen by ``DCNV3_BACKEND`` or :func:`set_backend`. The first call on each
+GPU compares the chosen compiled backend with the reference on a small fixed problem (forward
+and the three gradients, float64 and float32; :func:`select_backend`) and, if it disagrees or
+fails, warns once and falls back along cuda -> triton -> reference, so that a miscompiled or
+missing kernel costs speed, not silently wrong gradients. ``DCNV3_SELF_CHECK=0`` skips the check.
 """
-from typing import Tuple
+import os
+import warnings
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 
 from . import _C  # noqa: F401  (loads the operator registrations)
 
-__all__ = ["dcnv3", "dcnv3_reference", "dcnv3_output_size"]
+__all__ = ["dcnv3", "dcnv3_reference", "dcnv3_output_size", "set_backend", "get_backend", "select_backend",
+           "CUDA_BACKENDS"]
 
 _ops = torch.ops.ops_dcnv3
 
@@ -101,7 +113,8 @@ def _derive_group_channels(input, group, group_channels):
 def dcnv3(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
           dilation_h, dilation_w, group, group_channels=None, offset_scale=1.0, remove_center=False,
           softmax=False):
-    """DCNv3 core op on the compiled kernels (see the module docstring).
+    """DCNv3 core op on the compiled kernels (see the module docstring): the C++ kernels for
+    CPU tensors, the chosen backend (:func:`get_backend`) for CUDA tensors.
 
     Only normalises its arguments: the kernels check them (``RuntimeError`` naming the
     problem), for this function, direct ``torch.ops.ops_dcnv3`` calls and exported graphs
@@ -119,9 +132,28 @@ def dcnv3(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pa
         dtype = torch.get_autocast_dtype(device_type)
         input, offset, mask = input.to(dtype), offset.to(dtype), mask.to(dtype)
     group_channels = _derive_group_channels(input, group, group_channels)
+    implementation = _dcnv3_kernels
+    if device_type == "cuda":
+        implementation = _IMPLEMENTATIONS[_chosen_backend(input.device.index)]
+    return implementation(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                          dilation_w, group, group_channels, offset_scale, remove_center, softmax)
+
+
+def _dcnv3_kernels(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                   dilation_w, group, group_channels, offset_scale=1.0, remove_center=False, softmax=False):
+    """The C++ (CPU) / CUDA kernels, called directly."""
+    group_channels = _derive_group_channels(input, group, group_channels)
     return _ops.dcnv3_forward(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                               dilation_h, dilation_w, group, group_channels, float(offset_scale),
                               bool(remove_center), bool(softmax))
+
+
+def _dcnv3_triton(*args, **kwargs):
+    """``ops_dcnv3.triton_ops.dcnv3_triton``, imported on first use: Triton is needed only by
+    the GPUs that choose it."""
+    from .triton_ops import dcnv3_triton
+
+    return dcnv3_triton(*args, **kwargs)
 
 
 # --- torch.library registrations: fake kernels and autograd -------------------
@@ -203,3 +235,144 @@ def dcnv3_reference(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w,
     weights = weights.permute(0, 2, 1, 3).reshape(n * group, 1, ho * wo, points)
     output = (sampled * weights).sum(-1)  # (N*G, Cg, Ho*Wo)
     return output.reshape(n, group * group_channels, ho, wo).permute(0, 2, 3, 1).contiguous()
+
+
+# --- choice of the CUDA implementation (backend) and its self-check -------------
+
+#: The implementations for CUDA tensors, in fallback order.
+CUDA_BACKENDS = ("cuda", "triton", "reference")
+_IMPLEMENTATIONS: Dict[str, Callable] = {"cuda": _dcnv3_kernels, "triton": _dcnv3_triton,
+                                         "reference": dcnv3_reference}
+_backend_override: Optional[str] = None
+_verdicts: Dict[Tuple[str, str], Optional[str]] = {}  # (backend, device) -> None (passed) or what failed
+_choices: Dict[str, str] = {}  # device -> backend in use
+
+
+def _valid_backend(name, source):
+    if name not in CUDA_BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(CUDA_BACKENDS)}, got {name!r}")
+    return name
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Choose the implementation for CUDA tensors: ``'cuda'``, ``'triton'`` or ``'reference'``;
+    ``None`` goes back to ``DCNV3_BACKEND`` (default ``'cuda'``). Takes effect at the next call
+    (a graph compiled by ``torch.compile`` keeps the backend it was traced with)."""
+    global _backend_override
+    _backend_override = None if name is None else _valid_backend(name, "set_backend(name)")
+    _choices.clear()
+
+
+def get_backend(device=None) -> str:
+    """The implementation that ``dcnv3`` uses on ``device`` (default: the current CUDA device):
+    ``'cpu'`` for CPU tensors (always the C++ kernels), otherwise the chosen CUDA backend after
+    its self-check and any fallback (see :func:`select_backend`). Runs the check on first use."""
+    device = torch.device("cuda" if device is None else device)
+    if device.type != "cuda":
+        return "cpu"
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = str(device)
+    if key not in _choices:
+        preferred = _backend_override or _valid_backend(os.environ.get("DCNV3_BACKEND", "cuda"), "DCNV3_BACKEND")
+        self_check = os.environ.get("DCNV3_SELF_CHECK", "1") != "0" and not torch.cuda.is_current_stream_capturing()
+        _choices[key] = select_backend(device, _IMPLEMENTATIONS, preferred, self_check=self_check)
+    return _choices[key]
+
+
+@torch.compiler.assume_constant_result
+def _chosen_backend(index: Optional[int]) -> str:
+    # torch.compile runs this once while tracing (self-check included) and keeps the name.
+    return get_backend(torch.device("cuda", index))
+
+
+def select_backend(device, implementations: Mapping[str, Callable], preferred: str = "cuda",
+                   self_check: bool = True, verdicts: Optional[Dict[Tuple[str, str], Optional[str]]] = None) -> str:
+    """The first backend, from ``preferred`` along :data:`CUDA_BACKENDS`, whose implementation
+    agrees with the reference on ``device``.
+
+    Each backend is checked once per device (the verdict is kept in ``verdicts``, by default
+    this process's cache) by :func:`_self_check_error`; a backend that fails gets one warning
+    naming it and what failed, and the next one is tried. The reference is not checked. With
+    ``self_check=False``, ``preferred`` is returned unchecked.
+
+    Args:
+        device: where to run the check (any device, so that the logic can be tested on CPU).
+        implementations: backend name -> function with the arguments of :func:`dcnv3`.
+        preferred: the backend asked for (``DCNV3_BACKEND`` / :func:`set_backend`).
+        self_check: whether to check at all (``DCNV3_SELF_CHECK``).
+        verdicts: cache of ``(backend, device) -> None | error text``.
+    """
+    _valid_backend(preferred, "the backend")
+    if not self_check:
+        return preferred
+    verdicts = _verdicts if verdicts is None else verdicts
+    chain = CUDA_BACKENDS[CUDA_BACKENDS.index(preferred):]
+    for name, fallback in zip(chain[:-1], chain[1:]):  # the chain ends with the reference, never checked
+        key = (name, str(device))
+        if key not in verdicts:
+            verdicts[key] = _self_check_error(implementations[name], device)
+            if verdicts[key] is not None:
+                warnings.warn(f"ops_dcnv3: the {name!r} DCNv3 backend failed its self-check on {device}: "
+                              f"{verdicts[key]}. Falling back to {fallback!r} (set DCNV3_BACKEND to choose, "
+                              "DCNV3_SELF_CHECK=0 to skip the check).", RuntimeWarning, stacklevel=2)
+        if verdicts[key] is None:
+            return name
+    return "reference"
+
+
+# Two small problems that between them cover stride, padding, dilation, remove_center, the
+# fused softmax, non-power-of-two group_channels and sampling points outside the image.
+_SELF_CHECK_PROBLEMS = (
+    # dtype, relative tolerance, (n, h, w), params after the tensors, softmax
+    (torch.float64, 1e-9, (2, 5, 6), (3, 3, 1, 1, 1, 1, 1, 1, 2, 3, 1.0, False), False),
+    (torch.float32, 1e-4, (1, 7, 6), (3, 3, 2, 1, 2, 1, 2, 1, 2, 5, 1.5, True), True),
+)
+
+
+def _self_check_error(implementation, device) -> Optional[str]:
+    """None if ``implementation`` gives the reference's output and three gradients on
+    ``device`` for :data:`_SELF_CHECK_PROBLEMS`, else a line saying what differed or what it raised.
+
+    Runs outside any torch.compile / export tracing mode, autocast, no_grad or inference mode
+    that the first call happens in, on inputs built on the CPU from a fixed seed; the reference
+    runs on the CPU in float64.
+    """
+    with _disable_current_modes(), torch.inference_mode(False), torch.enable_grad(), \
+            torch.autocast(torch.device(device).type, enabled=False):
+        try:
+            for dtype, tolerance, (n, h, w), params, softmax in _SELF_CHECK_PROBLEMS:
+                problem = _self_check_problem(n, h, w, params)
+                expected = _output_and_grads(dcnv3_reference, problem, params, softmax)
+                got = _output_and_grads(implementation, [t.to(device, dtype) for t in problem], params, softmax)
+                for name, value, reference in zip(("output", "grad_input", "grad_offset", "grad_mask"), got,
+                                                  expected):
+                    if value is None:
+                        return f"{name} is missing (the implementation is not differentiable)"
+                    error = ((value.detach().to("cpu", torch.float64) - reference).abs().max()
+                             / reference.abs().max()).item()
+                    if not error <= tolerance:  # NaN fails too
+                        return (f"{name} ({str(dtype).replace('torch.', '')}, softmax={softmax}) differs from the "
+                                f"reference by {error:.3g} (relative, tolerance {tolerance:g})")
+        except Exception as exc:  # whatever breaks, the caller falls back
+            return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return None
+
+
+def _self_check_problem(n, h, w, params):
+    kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels = params[:10]
+    ho, wo = dcnv3_output_size(h, w, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w)
+    points = kernel_h * kernel_w - int(params[11])
+    generator = torch.Generator().manual_seed(0)
+    input = torch.randn(n, h, w, group * group_channels, generator=generator, dtype=torch.float64)
+    offset = (torch.rand(n, ho, wo, group * points * 2, generator=generator, dtype=torch.float64) * 2 - 1) * 2.5
+    mask = torch.randn(n, ho, wo, group * points, generator=generator, dtype=torch.float64)
+    return [input, offset, mask]
+
+
+def _output_and_grads(implementation, tensors, params, softmax):
+    tensors = [t.detach().requires_grad_() for t in tensors]
+    output = implementation(*tensors, *params, softmax=softmax)
+    grad_output = torch.linspace(-1, 1, output.numel(), dtype=torch.float64).reshape(output.shape)
+    output.backward(grad_output.to(output.device, output.dtype))
+    return [output] + [t.grad for t in tensors]

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import ops_dcnv3
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -58,3 +60,12 @@ def test_peak_memory_probe_measures_a_fresh_step():
     assert 0 < extra < 64 * 2**20
     mb = benchmark.peak_memory_mb("internimage_t", 0, threads=1)
     assert 1 < mb < 2048
+
+
+def test_benchmark_dcnv3_cuda_check_catches_a_wrong_kernel():
+    # The check that precedes the CUDA timing, on CPU tensors (the C++ kernels stand in).
+    error, ok = benchmark_dcnv3.check_against_reference(ops_dcnv3.dcnv3, 7, 32, 2, 1, torch.float32, device="cpu")
+    assert ok and error < 1e-5
+    error, ok = benchmark_dcnv3.check_against_reference(lambda *args: ops_dcnv3.dcnv3(*args) * 1.01, 7, 32, 2, 1,
+                                                        torch.float32, device="cpu")
+    assert not ok and 0.009 < error < 0.011

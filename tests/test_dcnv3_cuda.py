@@ -38,6 +38,21 @@ def test_cuda_sources_compile():
     assert "compiled ops_dcnv3/csrc/cuda/dcnv3_cuda.cu" in result.stdout
 
 
+@pytest.fixture(autouse=True)
+def _cuda_kernels_only():
+    """These tests are about the C++/CUDA kernels: ``dcnv3`` must not fall back to another
+    backend (the dispatcher's self-check would, quietly, if the kernels were wrong)."""
+    ops_dcnv3.set_backend("cuda")
+    previous = os.environ.get("DCNV3_SELF_CHECK")
+    os.environ["DCNV3_SELF_CHECK"] = "0"
+    yield
+    ops_dcnv3.set_backend(None)
+    if previous is None:
+        os.environ.pop("DCNV3_SELF_CHECK")
+    else:
+        os.environ["DCNV3_SELF_CHECK"] = previous
+
+
 def to_cuda(*tensors):
     return [t.cuda() for t in tensors]
 

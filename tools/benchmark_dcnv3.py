@@ -7,13 +7,18 @@ it already holds.
 
 CUDA (``--device cuda``): the stage shapes at batch 64 and the DCNv4 paper's shape
 (batch 64, 56x56, 4 groups x 32 channels), float32 and float16, forward and
-forward+backward, timed with CUDA events (median after warm-up). Each forward is also
-compared with a device-to-device copy of the input into an output-sized tensor measured
-in the same run: the fewest bytes the op must move (input, offsets, mask, output) over its
-time, as a fraction of the copy's bandwidth.
+forward+backward, with the mask as logits and the fused softmax (``softmax=True``, the
+model's path), timed with CUDA events (median after warm-up). ``--backend`` picks the
+implementations timed next to the reference: the CUDA C++ kernels, the Triton kernels, or
+both side by side. Before any timing, each implementation is checked against the reference
+on every shape (output and three gradients in float64 on two images, and the output of the
+timed dtype on the whole batch); a mismatch is reported in the table and makes the script
+exit with status 1. Each forward is also compared with a device-to-device copy of the input
+into an output-sized tensor measured in the same run: the fewest bytes the op must move
+(input, offsets, mask, output) over its time, as a fraction of the copy's bandwidth.
 
     python tools/benchmark_dcnv3.py [--threads N] [--repeats R] [--json OUT]
-    python tools/benchmark_dcnv3.py --device cuda [--repeats R] [--json OUT]
+    python tools/benchmark_dcnv3.py --device cuda [--backend cuda|triton|both] [--repeats R] [--json OUT]
 """
 import argparse
 import json
@@ -93,9 +98,11 @@ CUDA_SHAPES = [(name, size, channels, groups, 64) for name, size, channels, grou
     ("DCNv4 shape 56x56 4x32", 56, 128, 4, 64)]
 
 
-def cuda_inputs(size, channels, groups, batch, dtype, requires_grad):
+def cuda_inputs(size, channels, groups, batch, dtype, requires_grad, device="cuda"):
+    """Stage inputs on the GPU with random mask logits (for ``softmax=True``)."""
     tensors, params = make_inputs(size, channels, groups, batch=batch)
-    return [t.to("cuda", dtype).requires_grad_(requires_grad) for t in tensors], params
+    tensors[2] = torch.randn(tensors[2].shape, generator=torch.Generator().manual_seed(1)) * 2
+    return [t.to(device, dtype).requires_grad_(requires_grad) for t in tensors], params + (True,)
 
 
 def cuda_time(fn, repeats, warmup=5):
@@ -113,62 +120,149 @@ def cuda_time(fn, repeats, warmup=5):
     return statistics.median(times)
 
 
+def cuda_implementations(backend):
+    """The implementations to time, by name, called directly (not through ``ops_dcnv3.dcnv3``'s
+    backend choice), then the reference."""
+    from ops_dcnv3.functions import _dcnv3_kernels
+
+    impls = {}
+    if backend in ("cuda", "both"):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("ops_dcnv3::dcnv3_forward", "CUDA"):
+            raise SystemExit("--device cuda: ops_dcnv3 was built without CUDA kernels (rebuild with a CUDA toolkit)")
+        impls["cuda"] = _dcnv3_kernels
+    if backend in ("triton", "both"):
+        from ops_dcnv3.triton_ops import dcnv3_triton
+
+        impls["triton"] = dcnv3_triton
+    impls["reference"] = ops_dcnv3.dcnv3_reference
+    return impls
+
+
+def relative_error(value, reference):
+    return ((value.double() - reference.double()).abs().max() / reference.double().abs().max()).item()
+
+
+CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2}
+
+
+def check_against_reference(impl, size, channels, groups, batch, dtype, device="cuda"):
+    """Worst relative error, and whether it is within tolerance, of ``impl`` against the
+    reference: output and three gradients in float64 on two images, then the forward output
+    in ``dtype`` on the whole batch (the reference in float32 on the same rounded inputs; the
+    offset gradient is left out there because a rounded location on a pixel boundary makes
+    it one-sided)."""
+    tensors, params = cuda_inputs(size, channels, groups, 2, torch.float64, True, device)
+    results = []
+    for fn in (impl, ops_dcnv3.dcnv3_reference):
+        inputs = [t.detach().clone().requires_grad_() for t in tensors]
+        out = fn(*inputs, *params)
+        out.backward(torch.linspace(-1, 1, out.numel(), device=device, dtype=out.dtype).view(out.shape))
+        results.append([out.detach()] + [t.grad for t in inputs])
+    float64_error = max(relative_error(a, b) for a, b in zip(*results))
+    with torch.no_grad():
+        tensors, params = cuda_inputs(size, channels, groups, batch, dtype, False, device)
+        out = impl(*tensors, *params)
+        ref = ops_dcnv3.dcnv3_reference(*[t.float() for t in tensors], *params)
+    dtype_error = relative_error(out, ref)
+    ok = float64_error <= CHECK_TOLERANCE[torch.float64] and dtype_error <= CHECK_TOLERANCE[dtype]
+    return max(float64_error, dtype_error), ok
+
+
 def cuda_main(args):
     if not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("ops_dcnv3::dcnv3_forward", "CUDA"):
-        raise SystemExit("--device cuda: ops_dcnv3 was built without CUDA kernels (rebuild with a CUDA toolkit)")
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, repeats: {args.repeats} (median, CUDA events)")
-    rows = []
+    impls = cuda_implementations(args.backend)
+    timed = [name for name in impls if name != "reference"]
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, repeats: {args.repeats} (median, CUDA events), "
+          f"softmax=True, implementations: {', '.join(timed)}")
+    rows, failures = [], []
     for name, size, channels, groups, batch in CUDA_SHAPES:
         for dtype in (torch.float32, torch.float16):
+            checks = {}
+            for impl_name in timed:
+                checks[impl_name] = check_against_reference(impls[impl_name], size, channels, groups, batch, dtype)
+                if not checks[impl_name][1]:
+                    failures.append(f"{impl_name} on {name} {dtype}: relative error {checks[impl_name][0]:.2e}")
             for mode in ("forward", "forward+backward"):
                 row = {"shape": f"{name} b{batch}", "dtype": str(dtype).replace("torch.", ""), "mode": mode}
-                for impl_name, impl in IMPLS.items():
+                for impl_name, impl in impls.items():
+                    if impl_name in checks:
+                        row[f"{impl_name}_max_rel_err"], row[f"{impl_name}_matches_reference"] = checks[impl_name]
+                        if not checks[impl_name][1]:
+                            continue  # a wrong kernel's time means nothing
                     tensors, params = cuda_inputs(size, channels, groups, batch, dtype, mode != "forward")
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
                     row[f"{impl_name}_ms"] = cuda_time(lambda: run_once(impl, mode, tensors, params), args.repeats)
                     row[f"{impl_name}_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-                row["speedup"] = row["reference_ms"] / row["ours_ms"]
+                for impl_name in timed:
+                    if f"{impl_name}_ms" in row:
+                        row[f"{impl_name}_speedup"] = row["reference_ms"] / row[f"{impl_name}_ms"]
                 if mode == "forward":
                     x = tensors[0].detach()
                     out = torch.empty_like(x)
                     row["copy_ms"] = cuda_time(lambda: out.copy_(x), args.repeats)
                     copy_gb_s = 2 * x.numel() * x.element_size() / row["copy_ms"] / 1e6
                     moved = forward_work(size, channels, groups, batch=batch)[0] // 4 * x.element_size()
-                    row["ours_gb_per_s"] = moved / row["ours_ms"] / 1e6
                     row["copy_gb_per_s"] = copy_gb_s
-                    row["bandwidth_fraction"] = row["ours_gb_per_s"] / copy_gb_s
-                    row["ours_over_copy"] = row["ours_ms"] / row["copy_ms"]
+                    for impl_name in timed:
+                        if f"{impl_name}_ms" in row:
+                            row[f"{impl_name}_gb_per_s"] = moved / row[f"{impl_name}_ms"] / 1e6
+                            row[f"{impl_name}_bandwidth_fraction"] = row[f"{impl_name}_gb_per_s"] / copy_gb_s
+                            row[f"{impl_name}_over_copy"] = row[f"{impl_name}_ms"] / row["copy_ms"]
                 rows.append(row)
                 tensors = None  # free the device memory before the next row
-    print(f"{'shape':<30}{'dtype':<9}{'mode':<18}{'ours ms':>9}{'ref ms':>9}{'speedup':>9}"
-          f"{'copy ms':>9}{'ours/copy':>10}{'GB/s':>8}{'of copy':>8}")
-    for r in rows:
-        line = (f"{r['shape']:<30}{r['dtype']:<9}{r['mode']:<18}{r['ours_ms']:>9.3f}{r['reference_ms']:>9.3f}"
-                f"{r['speedup']:>8.1f}x")
-        if "copy_ms" in r:
-            line += (f"{r['copy_ms']:>9.3f}{r['ours_over_copy']:>9.2f}x{r['ours_gb_per_s']:>8.0f}"
-                     f"{r['bandwidth_fraction']:>8.0%}")
-        print(line)
-    print()
-    target = [r for r in rows if r["shape"].startswith("DCNv4") and r["dtype"] == "float16" and r["mode"] == "forward"]
-    for r in target:
-        print(f"DCNv4 shape float16 forward: {r['ours_ms']:.3f} ms = {r['ours_over_copy']:.2f}x the copy "
-              f"(target <= 1.5x), {r['bandwidth_fraction']:.0%} of copy bandwidth")
-    stages = [r for r in rows if r["shape"].startswith("stage") and r["mode"] == "forward+backward"]
-    if stages:
-        print(f"stage shapes forward+backward: speedup over reference min {min(r['speedup'] for r in stages):.1f}x "
-              "(target >= 5x)")
+    print_cuda_rows(rows, timed)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=2)
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "softmax": True,
+                       "implementations": timed, "mismatches": failures, "rows": rows}, f, indent=2)
+    if failures:
+        print("MISMATCH against the reference (not timed):\n  " + "\n  ".join(failures))
+        raise SystemExit(1)
+
+
+def print_cuda_rows(rows, timed):
+    def cell(row, key, fmt, width):
+        return f"{row[key]:>{width}{fmt}}" if key in row else f"{'-':>{width}}"
+
+    header = f"{'shape':<30}{'dtype':<9}{'mode':<18}"
+    header += "".join(f"{name + ' ms':>11}" for name in timed) + f"{'ref ms':>9}"
+    header += "".join(f"{name + ' x':>10}" for name in timed) + f"{'copy ms':>9}"
+    header += "".join(f"{name + '/copy':>13}" for name in timed) + f"{'max rel err':>12}"
+    print(header)
+    for r in rows:
+        line = f"{r['shape']:<30}{r['dtype']:<9}{r['mode']:<18}"
+        line += "".join(cell(r, f"{name}_ms", ".3f", 11) for name in timed) + cell(r, "reference_ms", ".3f", 9)
+        line += "".join(cell(r, f"{name}_speedup", ".1f", 10) for name in timed) + cell(r, "copy_ms", ".3f", 9)
+        line += "".join(cell(r, f"{name}_over_copy", ".2f", 13) for name in timed)
+        line += f"{max(r[f'{name}_max_rel_err'] for name in timed):>12.1e}"
+        print(line)
+    print()
+    for name in timed:
+        for r in rows:
+            if r["shape"].startswith("DCNv4") and r["dtype"] == "float16" and r["mode"] == "forward" \
+                    and f"{name}_ms" in r:
+                print(f"{name}: DCNv4 shape float16 forward: {r[f'{name}_ms']:.3f} ms = {r[f'{name}_over_copy']:.2f}x "
+                      f"the copy (target <= 1.5x), {r[f'{name}_bandwidth_fraction']:.0%} of copy bandwidth")
+        stages = [r[f"{name}_speedup"] for r in rows
+                  if r["shape"].startswith("stage") and r["mode"] == "forward+backward" and f"{name}_speedup" in r]
+        if stages:
+            print(f"{name}: stage shapes forward+backward: speedup over reference min {min(stages):.1f}x "
+                  "(target >= 5x)")
+    if len(timed) == 2:
+        ratios = [r[f"{timed[1]}_ms"] / r[f"{timed[0]}_ms"] for r in rows
+                  if f"{timed[0]}_ms" in r and f"{timed[1]}_ms" in r]
+        if ratios:
+            print(f"{timed[1]} time / {timed[0]} time: median {statistics.median(ratios):.2f}, "
+                  f"range {min(ratios):.2f} - {max(ratios):.2f}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--backend", choices=["cuda", "triton", "both"], default="cuda",
+                        help="with --device cuda: the C++ CUDA kernels, the Triton kernels, or both side by side")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--no-memory", action="store_true", help="skip the (subprocess) memory measurement")
