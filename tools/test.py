@@ -1,12 +1,17 @@
-"""Evaluate a checkpoint on a config's test set (mmdet 3.x or mmseg 1.x).
+"""Evaluate a checkpoint on a config's test set (mmdet 3.x, mmseg 1.x or mmpretrain 1.x).
 
-    python tools/test.py CONFIG CHECKPOINT [--work-dir D] [--out F] [--show-dir D]
+    python tools/test.py CONFIG CHECKPOINT [--work-dir D] [--out F] [--show-dir D] [--tta]
                          [--cfg-options k=v ...] [--launcher none|pytorch|slurm]
 
 CHECKPOINT may be this project's, an mmdet 2.x / mmseg 0.x one, or a path/URL. It is read
 with ``weights_only=True``; a name ``NAME-<hex>.pth`` must match the file's sha256 (set
 INTERNIMAGE_VERIFY_HASH=0 to skip that), and a file that provides fewer than half of the
 model's weights is refused (evaluating it would measure a randomly initialised model).
+For the classification configs it may also be an official classification release as
+published (``{'model': state_dict}``) or any other format ``internimage.build_model`` reads:
+it is mapped to the classifier's keys when loaded. ``--tta`` evaluates with the config's
+``tta_model`` / ``tta_pipeline`` (for the classification configs: the average of the scores
+of the image and its horizontal flip).
 """
 import argparse
 import os
@@ -21,6 +26,7 @@ from internimage.engine.runner_utils import (
     DictAction,
     apply_common_args,
     check_checkpoint_argument,
+    load_released_classifier_checkpoints,
     require_matching_checkpoint,
     teardown_distributed,
 )
@@ -33,6 +39,7 @@ def parse_args(argv=None):
     parser.add_argument("--work-dir", help="where the metrics are written")
     parser.add_argument("--out", help="dump the raw predictions to this .pkl file")
     parser.add_argument("--show-dir", help="save images with predictions drawn under this folder")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation (the config's tta_model)")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config keys, k=v")
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
@@ -53,6 +60,14 @@ def enable_visualization(cfg, show_dir):
         hook["test_out_dir"] = os.path.abspath(show_dir)
 
 
+def enable_tta(cfg):
+    """Wrap the model in the config's ``tta_model`` and test with its ``tta_pipeline``."""
+    if "tta_model" not in cfg or "tta_pipeline" not in cfg:
+        raise KeyError("--tta needs tta_model and tta_pipeline in the config")
+    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+    cfg.model = dict(**cfg.tta_model, module=cfg.model)
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_checkpoint_argument(args.checkpoint)
@@ -60,7 +75,10 @@ def main(argv=None):
     cfg.load_from = args.checkpoint
     if args.show_dir:
         enable_visualization(cfg, args.show_dir)
+    if args.tta:
+        enable_tta(cfg)
     runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
+    load_released_classifier_checkpoints(runner)
     require_matching_checkpoint(runner, min_fraction=0.5)
     if args.out:
         if not args.out.endswith((".pkl", ".pickle")):

@@ -1,4 +1,5 @@
-"""Train a detector or segmentor from a config (mmdet 3.x or mmseg 1.x, picked by its scope).
+"""Train a detector, segmentor or classifier from a config (mmdet 3.x, mmseg 1.x or
+mmpretrain 1.x, picked by its scope).
 
     python tools/train.py CONFIG [--work-dir D] [--resume [CKPT]] [--amp] [--cfg-options k=v ...]
                                  [--launcher none|pytorch|slurm]
@@ -19,6 +20,7 @@ from internimage.engine.runner_utils import (
     checkpoint_folder,
     find_resume_checkpoint,
     launch_rank,
+    load_released_classifier_checkpoints,
     make_training_reliable,
     require_matching_checkpoint,
     teardown_distributed,
@@ -68,6 +70,7 @@ def main(argv=None):
         cfg.resume, cfg.load_from = True, args.resume
     check_checkpoint_argument(cfg.get("load_from"))
     runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
+    load_released_classifier_checkpoints(runner)  # classifiers: official files as load_from
     # A load_from or resume file that matches no weight of the model is the wrong file.
     require_matching_checkpoint(runner, min_fraction=0.0)
     try:

@@ -231,11 +231,14 @@ def to_state_dict(checkpoint: dict) -> "OrderedDict[str, torch.Tensor]":
     return out
 
 
-def backbone_state_dict(state_dict: Dict[str, torch.Tensor], prefix: Optional[str] = None) -> "OrderedDict":
+def backbone_state_dict(state_dict: Dict[str, torch.Tensor], prefix: Optional[str] = None,
+                        drop_head: bool = True) -> "OrderedDict":
     """Backbone weights out of a classifier, detector or segmentor state dict.
 
     With ``prefix`` (e.g. ``'backbone.'``) only keys under it are kept, prefix removed.
-    Without it, ``backbone.`` is used when present, otherwise the classification head is dropped.
+    Without it, ``backbone.`` is used when present. The classification head is dropped
+    unless ``drop_head=False`` (a classifier's weights under ``backbone.``, as mmpretrain's
+    ``ImageClassifier`` holds them, for a classifier).
     """
     if prefix is None and any(k.startswith("backbone.") for k in state_dict):
         prefix = "backbone."
@@ -244,7 +247,9 @@ def backbone_state_dict(state_dict: Dict[str, torch.Tensor], prefix: Optional[st
         selected = OrderedDict((k[len(prefix):], v) for k, v in state_dict.items() if k.startswith(prefix))
         if not selected:
             raise KeyError(f"no key of the checkpoint starts with {prefix!r}")
-        return selected
+        state_dict = selected  # a classifier trained here has its head under the prefix too
+    if not drop_head:
+        return OrderedDict(state_dict)
     return OrderedDict((k, v) for k, v in state_dict.items() if not k.startswith(HEAD_PREFIXES))
 
 
@@ -373,8 +378,8 @@ def load_classifier_weights(model: torch.nn.Module, checkpoint, map_location="cp
     ckpt = load_file(checkpoint, map_location) if isinstance(checkpoint, str) else checkpoint
     check_hub_arch(model, ckpt, source)
     state_dict = to_state_dict(ckpt)
-    if any(k.startswith("backbone.") for k in state_dict):  # a detector/segmentor: backbone only
-        state_dict = backbone_state_dict(state_dict)
+    if any(k.startswith("backbone.") for k in state_dict):  # an mmpretrain classifier, or a detector's backbone
+        state_dict = backbone_state_dict(state_dict, drop_head=False)
     if head_22k_to_1k:
         state_dict = map_head_22k_to_1k(state_dict, getattr(model, "num_classes", None), logger)
     return load_state_dict_checked(model, state_dict, skip_mismatched=HEAD_PREFIXES, logger=logger,

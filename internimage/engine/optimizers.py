@@ -14,6 +14,17 @@ first block), and everything outside the backbone has ``L - 1``. A parameter's l
 rate is ``lr * layer_decay_rate ** (L - 1 - layer_id)``. Weight decay is 0 for
 one-dimensional parameters (norms, biases, layer-scale gammas), names ending in
 ``.bias`` and names containing ``norm``.
+
+The official *classification* recipes (``LR_LAYER_DECAY``, for fine-tuning the 22K
+checkpoints) use another rule, chosen with ``paramwise_cfg=dict(decay_rule='classification',
+layer_decay_rate=0.9)`` (``num_layers`` is not used): counting blocks over all stages, block
+``k`` of ``N`` gets ``rate ** (N - 1 - k)`` (the last block 1.0), the stem the ratio of
+the first block, a stage's ``downsample`` and ``norm`` that of the next stage's first block
+(stages 1-3), and everything else (the last stage's norm, level-2 post norms, the
+classification head) 1.0. ``dcn_lr_mul`` (official ``DCN_LR_MUL``, either rule) then
+multiplies the learning rate of parameters whose name contains one of ``dcn_lr_keys``
+(default the official code's: ``offset``, ``attention_weights``, ``center_feature_scale_proj``,
+``alpha_beta``; note that it does not list ``mask``, the DCNv3 mask projection).
 """
 from typing import List, Sequence
 
@@ -38,6 +49,27 @@ def layer_id(name: str, num_layers: int, depths: Sequence[int], prefix: str = "b
     return num_layers - 1
 
 
+# Parameter names whose lr the official DCN_LR_MUL multiplies (classification/optimizer.py).
+DCN_LR_KEYS = ("offset", "attention_weights", "center_feature_scale_proj", "alpha_beta")
+
+
+def classification_lr_scale(name: str, depths: Sequence[int], rate: float, prefix: str = "backbone.") -> float:
+    """Layer-decay factor of parameter ``name`` under the official classification rule."""
+    total = sum(depths)
+    if not name.startswith(prefix):
+        return 1.0
+    parts = name[len(prefix):].split(".")
+    if parts[0] == "patch_embed":
+        return rate ** (total - 1)
+    if parts[0] == "levels" and len(parts) > 3:
+        stage = int(parts[1])
+        if parts[2] == "blocks":
+            return rate ** (total - 1 - sum(depths[:stage]) - int(parts[3]))
+        if parts[2] in ("downsample", "norm") and stage < len(depths) - 1:
+            return rate ** (total - 1 - sum(depths[:stage + 1]))
+    return 1.0
+
+
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim == 1 or name.endswith(".bias") or "norm" in name
 
@@ -45,15 +77,23 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
 class InternImageLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
     """``paramwise_cfg``: ``num_layers`` (the official value: the sum of the depths),
-    ``layer_decay_rate``, and optionally ``depths`` (default: the backbone's)."""
+    ``layer_decay_rate``, and optionally ``depths`` (default: the backbone's),
+    ``decay_rule`` (``'detection'``, default, or ``'classification'``), ``dcn_lr_mul`` and
+    ``dcn_lr_keys`` (see the module's documentation)."""
 
     def add_params(self, params: List[dict], module: nn.Module, **kwargs) -> None:
         cfg = self.paramwise_cfg
-        if "num_layers" not in cfg or "layer_decay_rate" not in cfg:
-            raise KeyError("InternImageLayerDecayOptimizerConstructor needs paramwise_cfg="
-                           "dict(num_layers=..., layer_decay_rate=...)")
-        total = cfg["num_layers"] + 2
+        rule = cfg.get("decay_rule", "detection")
+        if rule not in ("detection", "classification"):
+            raise ValueError(f"paramwise_cfg.decay_rule must be 'detection' or 'classification', got {rule!r}")
+        needed = ("layer_decay_rate",) if rule == "classification" else ("num_layers", "layer_decay_rate")
+        if any(key not in cfg for key in needed):
+            raise KeyError(f"InternImageLayerDecayOptimizerConstructor needs paramwise_cfg="
+                           f"dict({', '.join(k + '=...' for k in needed)}) for decay_rule={rule!r}")
+        total = cfg["num_layers"] + 2 if rule == "detection" else None
         rate = cfg["layer_decay_rate"]
+        dcn_lr_mul = cfg.get("dcn_lr_mul")
+        dcn_lr_keys = tuple(cfg.get("dcn_lr_keys", DCN_LR_KEYS))
         depths = cfg.get("depths")
         if depths is None:
             backbone = getattr(module, "backbone", module)
@@ -65,16 +105,26 @@ class InternImageLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
         for name, param in module.named_parameters():
             if not param.requires_grad:
                 continue
-            lid = layer_id(name, total, depths, prefix)
+            if rule == "detection":
+                lid = layer_id(name, total, depths, prefix)
+                scale, extra = rate ** (total - 1 - lid), dict(layer_id=lid)
+            else:
+                scale = classification_lr_scale(name, depths, rate, prefix)
+                lid, extra = f"x{scale:.6g}", {}
+            dcn = dcn_lr_mul is not None and any(k in name for k in dcn_lr_keys)
+            if dcn:
+                scale *= dcn_lr_mul
             decay = not no_weight_decay(name, param)
-            key = f"layer_{lid}_{'decay' if decay else 'no_decay'}"
+            key = f"layer_{lid}{'_dcn' if dcn else ''}_{'decay' if decay else 'no_decay'}"
             if key not in groups:
-                groups[key] = dict(params=[], param_names=[], lr=self.base_lr * rate ** (total - 1 - lid),
-                                   weight_decay=self.base_wd if decay else 0.0, layer_id=lid)
+                groups[key] = dict(params=[], param_names=[], lr=self.base_lr * scale,
+                                   weight_decay=self.base_wd if decay else 0.0, **extra)
             groups[key]["params"].append(param)
             groups[key]["param_names"].append(name)
         params.extend(groups.values())
-        print_log(f"Layer-wise lr decay: {len(groups)} parameter groups, L={total}, rate={rate}, "
-                  f"lr from {self.base_lr * rate ** (total - 1):.3g} (stem) to {self.base_lr:.3g} (heads)",
+        stem = rate ** (total - 1) if rule == "detection" else rate ** (sum(depths) - 1)
+        print_log(f"Layer-wise lr decay ({rule} rule): {len(groups)} parameter groups"
+                  f"{f', L={total}' if total else ''}, rate={rate}, lr from {self.base_lr * stem:.3g} (stem) to "
+                  f"{self.base_lr:.3g} (heads)" + (f", DCN lr x{dcn_lr_mul}" if dcn_lr_mul is not None else ""),
                   logger="current")
 

@@ -222,10 +222,13 @@ def check_checkpoint_argument(filename: Optional[str], verify_hash: Optional[boo
     """Before a run: a local checkpoint must exist, and match the hash its name carries
     (``NAME-<hex>.pth``); URLs are checked when downloaded."""
     from ..checkpoint import verify_hash_in_name
+    from ..checkpoint.hub import hub_folder_of
 
     if not filename or "://" in filename:
         return
     path = os.path.expanduser(filename)
+    if os.path.isdir(path) and hub_folder_of(path) is not None:  # a Hugging Face hub folder
+        return
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {filename} not found")
     verify_hash_in_name(path, verify_hash)
@@ -252,3 +255,42 @@ def require_matching_checkpoint(runner, min_fraction: float):
         return checkpoint
 
     runner.load_checkpoint = load_checked
+
+
+def load_released_classifier_checkpoints(runner):
+    """For an mmpretrain ``ImageClassifier`` with an ``InternImageClsBackbone``: make
+    ``runner.load_checkpoint`` (``load_from``, ``--resume``, ``tools/test.py CHECKPOINT``)
+    read every format :func:`internimage.build_model` reads (the official ``{'model': sd}``,
+    a bare state dict, ``{'state_dict': sd}`` with or without ``backbone.``, a Hugging Face
+    hub folder or weights file, ``internimage://`` names, URLs), through the project's safe
+    loader (hash in the name checked, ``weights_only=True``). The checkpoint is given to the
+    hooks (``after_load_checkpoint``: EMA, random states) and the model as mmengine's
+    ``{'state_dict': ..., ...}`` with the model's keys, so nothing needs converting first.
+    Other models keep mmengine's loading."""
+    from mmengine.model import is_model_wrapper
+    from mmengine.runner.checkpoint import _load_checkpoint_to_model
+
+    from ..checkpoint import load_file, to_state_dict
+    from ..models.mmpretrain_wrapper import InternImageClsBackbone, to_image_classifier_keys
+
+    def unwrap(model):
+        model = model.module if is_model_wrapper(model) else model
+        return getattr(model, "module", model)  # a TTA model wraps the classifier as `module`
+
+    if not isinstance(getattr(unwrap(runner.model), "backbone", None), InternImageClsBackbone):
+        return
+
+    def load_any(filename, map_location="cpu", strict=False, revise_keys=[(r"^module\.", "")]):  # noqa: B006
+        checkpoint = load_file(filename, map_location=map_location)
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint = {"state_dict": to_state_dict(checkpoint),
+                          "meta": (checkpoint.get("meta") or {}) if isinstance(checkpoint, dict) else {}}
+        checkpoint["state_dict"] = to_image_classifier_keys(to_state_dict(checkpoint))
+        runner.call_hook("after_load_checkpoint", checkpoint=checkpoint)
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        checkpoint = _load_checkpoint_to_model(model, checkpoint, strict, revise_keys=revise_keys)
+        runner._has_loaded = True
+        runner.logger.info(f"Load checkpoint from {filename}")
+        return checkpoint
+
+    runner.load_checkpoint = load_any
