@@ -77,6 +77,11 @@ setup(
     package_data={"ops_dcnv3": ["csrc/*.cpp", "csrc/*/*.cpp", "csrc/*/*.cu", "csrc/*/*.cuh", "csrc/*/*.h"],
                   "internimage": ["checkpoint/*.txt"]},
     python_requires=">=3.9",
+    # Optional: export to ONNX checked in onnxruntime (tools/export.py), OpenVINO for its benchmark.
+    extras_require={
+        "deploy": ["onnx>=1.23", "onnxruntime>=1.31", "onnxscript>=0.7"],
+        "openvino": ["openvino>=2026.4"],
+    },
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
