@@ -13,7 +13,13 @@ stage i has ``1 + j + depths[0] + ... + depths[i-1]``, a stage's ``downsample`` 
 first block), and everything outside the backbone has ``L - 1``. A parameter's learning
 rate is ``lr * layer_decay_rate ** (L - 1 - layer_id)``. Weight decay is 0 for
 one-dimensional parameters (norms, biases, layer-scale gammas), names ending in
-``.bias`` and names containing ``norm``.
+``.bias`` and names containing ``norm``, and, as in the official detection and
+segmentation constructors, for the ``sampling_offsets`` of multi-scale deformable
+attention (DINO's transformer, Mask2Former's pixel decoder; the backbone has none).
+So a DINO or Mask2Former model's transformer, query embeddings and pixel decoder (all
+outside ``backbone.``) get layer id ``L - 1``. ``offset_lr_scale`` (official name and
+rule, default 1.0; the H/G DINO configs use 1e-3) multiplies the learning rate of
+parameters whose name contains ``sampling_offsets`` or ``reference_points``.
 
 The official *classification* recipes (``LR_LAYER_DECAY``, for fine-tuning the 22K
 checkpoints) use another rule, chosen with ``paramwise_cfg=dict(decay_rule='classification',
@@ -70,16 +76,20 @@ def classification_lr_scale(name: str, depths: Sequence[int], rate: float, prefi
     return 1.0
 
 
+# Names whose lr the official detection/segmentation ``offset_lr_scale`` multiplies.
+OFFSET_LR_KEYS = ("sampling_offsets", "reference_points")
+
+
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    return param.ndim == 1 or name.endswith(".bias") or "norm" in name
+    return param.ndim == 1 or name.endswith(".bias") or "norm" in name or "sampling_offsets" in name
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
 class InternImageLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
     """``paramwise_cfg``: ``num_layers`` (the official value: the sum of the depths),
     ``layer_decay_rate``, and optionally ``depths`` (default: the backbone's),
-    ``decay_rule`` (``'detection'``, default, or ``'classification'``), ``dcn_lr_mul`` and
-    ``dcn_lr_keys`` (see the module's documentation)."""
+    ``decay_rule`` (``'detection'``, default, or ``'classification'``), ``dcn_lr_mul``,
+    ``dcn_lr_keys`` and ``offset_lr_scale`` (see the module's documentation)."""
 
     def add_params(self, params: List[dict], module: nn.Module, **kwargs) -> None:
         cfg = self.paramwise_cfg
@@ -94,6 +104,7 @@ class InternImageLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
         rate = cfg["layer_decay_rate"]
         dcn_lr_mul = cfg.get("dcn_lr_mul")
         dcn_lr_keys = tuple(cfg.get("dcn_lr_keys", DCN_LR_KEYS))
+        offset_lr_scale = cfg.get("offset_lr_scale", 1.0)
         depths = cfg.get("depths")
         if depths is None:
             backbone = getattr(module, "backbone", module)
@@ -114,8 +125,12 @@ class InternImageLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
             dcn = dcn_lr_mul is not None and any(k in name for k in dcn_lr_keys)
             if dcn:
                 scale *= dcn_lr_mul
+            offset = offset_lr_scale != 1.0 and any(k in name for k in OFFSET_LR_KEYS)
+            if offset:
+                scale *= offset_lr_scale
             decay = not no_weight_decay(name, param)
-            key = f"layer_{lid}{'_dcn' if dcn else ''}_{'decay' if decay else 'no_decay'}"
+            key = (f"layer_{lid}{'_dcn' if dcn else ''}{'_offset' if offset else ''}"
+                   f"_{'decay' if decay else 'no_decay'}")
             if key not in groups:
                 groups[key] = dict(params=[], param_names=[], lr=self.base_lr * scale,
                                    weight_decay=self.base_wd if decay else 0.0, **extra)
