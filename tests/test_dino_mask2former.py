@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_DINO = REPO / "tests" / "configs" / "dino-4scale_internimage-tiny_shapes.py"
 TINY_M2F = REPO / "tests" / "configs" / "mask2former_internimage-tiny_shapes.py"
 M2F_H = "mask2former/mask2former_internimage-h_896_80k_cocostuff2ade20k_ss.py"
+M2F_T = "mask2former/mask2former_internimage-t_512_160k_ade20k.py"  # not an official recipe
 
 # config -> (arch, drop_path, offset_scale, post_norm, with_cp, weight decay, paramwise_cfg,
 #            detections per image, published params)
@@ -61,7 +62,23 @@ def test_every_config_is_listed():
     found = {str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").glob("dino/*.py")}
     assert found == set(DINO) | set(DINO_O365)
     found = {p.name for p in (REPO / "configs" / "mask2former").glob("*.py")}
-    assert found == {Path(M2F_H).name, Path(M2F_H).name.replace("_ss.py", "_ms.py")}
+    assert found == {Path(M2F_H).name, Path(M2F_H).name.replace("_ss.py", "_ms.py"), Path(M2F_T).name}
+
+
+def test_mask2former_t_config_is_mmsegs_recipe_on_internimage_t():
+    """The unofficial T-size config: mmseg's Mask2Former ADE20K 512 recipe, InternImage-T backbone."""
+    cfg = Config.fromfile(str(REPO / "configs" / M2F_T))
+    backbone, head = cfg.model.backbone, cfg.model.decode_head
+    assert (backbone.type, backbone.arch, backbone.drop_path_rate, backbone.layer_scale) == ("InternImage", "t", 0.2,
+                                                                                            1.0)
+    assert backbone.init_cfg.checkpoint == "internimage://internimage_t_1k_224"
+    assert head.in_channels == [64, 128, 256, 512] and (head.feat_channels, head.num_queries) == (256, 100)
+    assert cfg.optim_wrapper.paramwise_cfg.custom_keys["backbone"].lr_mult == 0.1
+    assert cfg.train_cfg.max_iters == 160000 and cfg.train_dataloader.dataset.type == "CheckedADE20KDataset"
+    model = build_on_meta(cfg)
+    with torch.device("meta"):
+        reference = internimage.InternImage(arch="t", layer_scale=1.0)
+    assert sum(p.numel() for p in model.backbone.parameters()) == sum(p.numel() for p in reference.parameters())
 
 
 @pytest.mark.parametrize("name", sorted(DINO))
@@ -244,9 +261,13 @@ def test_tiny_dino_trains_and_tests(tmp_path):
     work = tmp_path / "work"
     log = run_tool([sys.executable, "tools/train.py", str(TINY_DINO), "--work-dir", str(work)], env)
     assert "Epoch(train) [1][2/2]" in log and "dn_loss_cls" in log and "coco/bbox_mAP" in log
+    val_map = re.findall(r"coco/bbox_mAP: ([0-9.]+)", log)[-1]
     log = run_tool([sys.executable, "tools/test.py", str(TINY_DINO), str(work / "epoch_1.pth"),
                     "--work-dir", str(tmp_path / "test")], env)
-    assert re.search(r"coco/bbox_mAP: [0-9.]+", log), log[-2000:]
+    assert re.findall(r"coco/bbox_mAP: ([0-9.]+)", log)[-1] == val_map  # the tools agree on the checkpoint
+    log = run_tool([sys.executable, "tools/train.py", str(TINY_DINO), "--work-dir", str(work), "--resume",
+                    "--cfg-options", "train_cfg.max_epochs=2"], env)
+    assert re.search(r"resumed epoch: 1, iter: 2", log) and "Epoch(train) [2][2/2]" in log, log[-2000:]
 
 
 def test_tiny_mask2former_trains_and_tests(tmp_path):
@@ -256,6 +277,10 @@ def test_tiny_mask2former_trains_and_tests(tmp_path):
     work = tmp_path / "work"
     log = run_tool([sys.executable, "tools/train.py", str(TINY_M2F), "--work-dir", str(work)], env)
     assert "Iter(train) [2/2]" in log and "decode.loss_dice" in log and "mIoU" in log
+    val_miou = re.findall(r"mIoU: ([0-9.]+)", log)[-1]
     log = run_tool([sys.executable, "tools/test.py", str(TINY_M2F), str(work / "iter_2.pth"),
                     "--work-dir", str(tmp_path / "test")], env)
-    assert re.search(r"mIoU: [0-9.]+", log), log[-2000:]
+    assert re.findall(r"mIoU: ([0-9.]+)", log)[-1] == val_miou  # the tools agree on the checkpoint
+    log = run_tool([sys.executable, "tools/train.py", str(TINY_M2F), "--work-dir", str(work), "--resume",
+                    "--cfg-options", "train_cfg.max_iters=3"], env)
+    assert re.search(r"resumed epoch: \d+, iter: 2", log) and "Iter(train) [3/3]" in log, log[-2000:]
