@@ -284,3 +284,36 @@ def test_tiny_mask2former_trains_and_tests(tmp_path):
     log = run_tool([sys.executable, "tools/train.py", str(TINY_M2F), "--work-dir", str(work), "--resume",
                     "--cfg-options", "train_cfg.max_iters=3"], env)
     assert re.search(r"resumed epoch: \d+, iter: 2", log) and "Iter(train) [3/3]" in log, log[-2000:]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    make_coco_shapes(str(root / "coco"), num_train=4, num_val=2, size=64, seed=0)
+    make_ade_shapes(str(root / "ade"), num_train=4, num_val=2, size=64, seed=0)
+    return dict(coco=str(root / "coco") + "/", ade=str(root / "ade") + "/")
+
+
+@pytest.mark.parametrize("name", sorted(DINO) + sorted(DINO_O365) + [M2F_H, M2F_H.replace("_ss.py", "_ms.py"), M2F_T])
+def test_config_dataloaders_build_on_synthetic_data(name, synthetic):
+    """The real configs' train/val/test dataloaders (their pipelines, samplers and collate),
+    pointed at the synthetic data, give batches of the recipe's size."""
+    from mmengine.runner import Runner
+
+    cfg = Config.fromfile(str(REPO / "configs" / name))
+    detection = name.startswith("dino/")
+    init_default_scope("mmdet" if detection else "mmseg")
+    for key, split in (("train_dataloader", "train"), ("val_dataloader", "val"), ("test_dataloader", "val")):
+        loader_cfg = cfg[key]
+        loader_cfg.num_workers, loader_cfg.persistent_workers = 0, False
+        if detection:
+            loader_cfg.dataset.update(data_root=synthetic["coco"], metainfo=dict(classes=("circle", "square",
+                                                                                            "triangle")),
+                                      ann_file=f"annotations/instances_{split}.json", data_prefix=dict(img=f"{split}/"))
+        else:
+            loader_cfg.dataset.data_root = synthetic["ade"]
+        batch = next(iter(Runner.build_dataloader(loader_cfg, seed=0)))
+        if name.endswith("_ms.py") and key == "test_dataloader":  # test-time augmentation: 5 scales x 2 flips
+            assert len(batch["inputs"]) == 10 and all(len(views) == loader_cfg.batch_size for views in batch["inputs"])
+        else:
+            assert len(batch["inputs"]) == loader_cfg.batch_size and batch["inputs"][0].shape[0] == 3
