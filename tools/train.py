@@ -2,7 +2,7 @@
 mmpretrain 1.x, picked by its scope).
 
     python tools/train.py CONFIG [--work-dir D] [--resume [CKPT]] [--amp] [--cfg-options k=v ...]
-                                 [--launcher none|pytorch|slurm]
+                                 [--launcher none|pytorch|slurm] [--strategy fsdp|deepspeed-zero1|deepspeed-zero3]
 """
 import argparse
 import os
@@ -14,11 +14,14 @@ from mmengine.runner import Runner
 
 import internimage.datasets  # noqa: F401  (checked datasets, for configs that import only 'internimage')
 from internimage.engine.runner_utils import (
+    STRATEGIES,
     DictAction,
     apply_common_args,
+    apply_strategy,
     check_checkpoint_argument,
     checkpoint_folder,
     find_resume_checkpoint,
+    finish_strategy,
     launch_rank,
     load_released_classifier_checkpoints,
     make_training_reliable,
@@ -37,6 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--auto-scale-lr", action="store_true", help="scale the lr by the total batch size")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config keys, k=v")
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    parser.add_argument("--strategy", choices=STRATEGIES,
+                        help="sharded training with mmengine's FlexibleRunner (FSDP or DeepSpeed ZeRO)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
     args = parser.parse_args(argv)
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -55,6 +60,7 @@ def main(argv=None):
     if args.auto_scale_lr:
         cfg.setdefault("auto_scale_lr", {})["enable"] = True
     make_training_reliable(cfg)
+    apply_strategy(cfg, args.strategy)
     if args.resume == "auto":
         # The newest *complete* checkpoint (mmengine would take whatever last_checkpoint
         # names); only the first rank removes files left by an interrupted save.
@@ -70,6 +76,7 @@ def main(argv=None):
         cfg.resume, cfg.load_from = True, args.resume
     check_checkpoint_argument(cfg.get("load_from"))
     runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
+    finish_strategy(runner)
     load_released_classifier_checkpoints(runner)  # classifiers: official files as load_from
     # A load_from or resume file that matches no weight of the model is the wrong file.
     require_matching_checkpoint(runner, min_fraction=0.0)

@@ -80,8 +80,26 @@ def classification_lr_scale(name: str, depths: Sequence[int], rate: float, prefi
 OFFSET_LR_KEYS = ("sampling_offsets", "reference_points")
 
 
-def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    return param.ndim == 1 or name.endswith(".bias") or "norm" in name or "sampling_offsets" in name
+def _clean(name: str) -> str:
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
+def original_ndims(module: nn.Module) -> dict:
+    """Under FSDP (``use_orig_params=True``) a parameter is a 1-D view of its shard: the
+    number of dimensions of each parameter before flattening, by name (empty without FSDP)."""
+    ndims = {}
+    for prefix, sub in module.named_modules():
+        flat = getattr(getattr(sub, "_handle", None), "flat_param", None)
+        if flat is None or not hasattr(flat, "_fqns"):
+            continue
+        for fqn, shape in zip(flat._fqns, flat._shapes):
+            ndims[_clean(f"{prefix}.{fqn}" if prefix else fqn)] = len(shape)
+    return ndims
+
+
+def no_weight_decay(name: str, param: nn.Parameter, ndim: int = None) -> bool:
+    return ((param.ndim if ndim is None else ndim) == 1 or name.endswith(".bias") or "norm" in name
+            or "sampling_offsets" in name)
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
@@ -90,6 +108,12 @@ class InternImageLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
     ``layer_decay_rate``, and optionally ``depths`` (default: the backbone's),
     ``decay_rule`` (``'detection'``, default, or ``'classification'``), ``dcn_lr_mul``,
     ``dcn_lr_keys`` and ``offset_lr_scale`` (see the module's documentation)."""
+
+    def __call__(self, model: nn.Module):
+        # mmengine hands add_params the wrapped module (FSDP's .module), where the FSDP
+        # flat parameters that know the original shapes are out of reach.
+        self._ndims = original_ndims(model)
+        return super().__call__(model)
 
     def add_params(self, params: List[dict], module: nn.Module, **kwargs) -> None:
         cfg = self.paramwise_cfg
@@ -112,10 +136,13 @@ class InternImageLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
             if depths is None:
                 raise ValueError("cannot find the backbone's depths; give paramwise_cfg=dict(depths=[...])")
         prefix = "backbone." if hasattr(module, "backbone") else ""
-        groups = {}
+        groups, ndims = {}, {**getattr(self, "_ndims", {}), **original_ndims(module)}
         for name, param in module.named_parameters():
             if not param.requires_grad:
                 continue
+            # Under FSDP (use_orig_params) or activation-checkpoint wrappers the names carry
+            # the wrappers' prefixes: the rule applies to the model's own names.
+            name = _clean(name)
             if rule == "detection":
                 lid = layer_id(name, total, depths, prefix)
                 scale, extra = rate ** (total - 1 - lid), dict(layer_id=lid)
@@ -128,7 +155,7 @@ class InternImageLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
             offset = offset_lr_scale != 1.0 and any(k in name for k in OFFSET_LR_KEYS)
             if offset:
                 scale *= offset_lr_scale
-            decay = not no_weight_decay(name, param)
+            decay = not no_weight_decay(name, param, ndims.get(name))
             key = (f"layer_{lid}{'_dcn' if dcn else ''}{'_offset' if offset else ''}"
                    f"_{'decay' if decay else 'no_decay'}")
             if key not in groups:

@@ -294,3 +294,100 @@ def load_released_classifier_checkpoints(runner):
         return checkpoint
 
     runner.load_checkpoint = load_any
+
+
+STRATEGIES = ("fsdp", "deepspeed-zero1", "deepspeed-zero3")
+
+
+def apply_strategy(cfg: Config, name: Optional[str]) -> Config:
+    """``tools/train.py --strategy NAME``: train with mmengine's ``FlexibleRunner`` and a
+    sharding strategy (the sharding itself is mmengine's and PyTorch's / DeepSpeed's).
+
+    * ``fsdp``: ``FSDPStrategy`` (as ``InternImageFSDPStrategy``, which fixes its resume;
+      parameters, gradients and optimizer state sharded, i.e. ZeRO-3), ``use_orig_params=True``
+      so the optimizer keeps the per-parameter groups of the layer-decay constructor (an
+      ``EMAHook`` is refused: with it the run hangs at its first checkpoint), and
+      ``state_dict_cfg='full'``: rank 0 writes one plain checkpoint file (what ``--resume``
+      and ``tools/publish_model.py`` read);
+    * ``deepspeed-zero1`` / ``deepspeed-zero3``: ``DeepSpeedStrategy`` with that ZeRO stage
+      (needs ``pip install deepspeed``).
+
+    ``optim_wrapper`` (and its ``constructor``/``paramwise_cfg``) and ``custom_hooks`` stay
+    as they are: FlexibleRunner builds the optimizer after wrapping the model. Without a
+    name the config is returned unchanged (a config's own ``strategy`` key then selects
+    FlexibleRunner, as in mmengine)."""
+    if name is None:
+        if "strategy" in cfg and "runner_type" not in cfg:
+            cfg.runner_type = "FlexibleRunner"
+        return cfg
+    if name not in STRATEGIES:
+        raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
+    if name == "fsdp":
+        if any(_type_name(h.get("type")) == "EMAHook" for h in cfg.get("custom_hooks") or []):
+            raise SystemExit("--strategy fsdp: the config's EMAHook does not work under FSDP (the run hangs at "
+                             "its first checkpoint); remove it from custom_hooks")
+        strategy = dict(type="InternImageFSDPStrategy", model_wrapper=dict(type="MMFullyShardedDataParallel",
+                                                                use_orig_params=True),
+                        state_dict_cfg="full")
+    else:
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as error:
+            raise SystemExit(f"--strategy {name} needs DeepSpeed, which is not installed: "
+                             f"pip install deepspeed ({error})") from error
+        strategy = deepspeed_strategy(cfg, int(name[-1]))
+    cfg.runner_type = "FlexibleRunner"
+    cfg.strategy = strategy
+    if name != "fsdp":
+        # DeepSpeed's engine does the optimizer step (and loss scaling) itself.
+        cfg.optim_wrapper.type = "DeepSpeedOptimWrapper"
+        cfg.optim_wrapper.pop("loss_scale", None)
+    print_log(f"--strategy {name}: FlexibleRunner with {strategy['type']}", logger="current")
+    return cfg
+
+
+def deepspeed_strategy(cfg: Config, stage: int) -> dict:
+    """mmengine's ``DeepSpeedStrategy`` config for ZeRO ``stage`` (1 or 3); the config's
+    gradient clipping and AMP (``AmpOptimWrapper`` -> bf16) carry over."""
+    optim = cfg.get("optim_wrapper", {})
+    strategy = dict(type="DeepSpeedStrategy", zero_optimization=dict(
+        stage=stage, overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=int(5e8)))
+    if stage == 3:
+        strategy["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=True)
+    clip = (optim.get("clip_grad") or {}).get("max_norm")
+    if clip is not None:
+        strategy["gradient_clipping"] = clip
+    if "Amp" in str(optim.get("type", "")):
+        strategy["bf16"] = dict(enabled=True)
+    return strategy
+
+
+def finish_strategy(runner):
+    """After ``FlexibleRunner`` is built, before it wraps the model: on a CPU machine FSDP
+    keeps the parameters on the CPU (mmengine's default ``device_id`` is ``LOCAL_RANK``, a
+    CUDA device)."""
+    wrapper = getattr(getattr(runner, "strategy", None), "model_wrapper", None)
+    if isinstance(wrapper, dict) and not torch.cuda.is_available():
+        wrapper["device_id"] = torch.device("cpu")
+
+
+def _register_fsdp_strategy():
+    from mmengine._strategy import FSDPStrategy
+    from mmengine.registry import STRATEGIES as STRATEGY_REGISTRY
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    @STRATEGY_REGISTRY.register_module(force=True)
+    class InternImageFSDPStrategy(FSDPStrategy):
+        """mmengine's ``FSDPStrategy`` with ``--resume`` working on PyTorch 2.x: mmengine
+        0.10.7 passes ``FSDP.optim_state_dict_to_load`` its arguments in the PyTorch 1.x
+        order (state dict first), which fails with "unhashable type: 'dict'"."""
+
+        def load_optim_state_dict(self, state_dict: dict) -> None:
+            optimizer = self.optim_wrapper.optimizer
+            state_dict = FullyShardedDataParallel.optim_state_dict_to_load(self.model, optimizer, state_dict)
+            self.optim_wrapper.load_state_dict(state_dict)
+
+    return InternImageFSDPStrategy
+
+
+InternImageFSDPStrategy = _register_fsdp_strategy()
