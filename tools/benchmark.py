@@ -74,16 +74,22 @@ def make_step(model, mode, batch, height, width):
 
 
 def time_models(names, case, repeats):
-    """Median seconds per step of each model, measured round-robin (one step of each model
-    in turn, ``repeats`` rounds) so that a slow phase of the machine hits all of them."""
+    """Median seconds per step of each model of a benchmark case, timed round-robin."""
     _, batch, height, width, mode = case
     steps = {}
     for name in names:
         model = build(name, mode)
         if model is not None:
             steps[name] = make_step(model, mode, batch, height, width)
-            for _ in range(2):
-                steps[name]()
+    return median_seconds_round_robin(steps, repeats)
+
+
+def median_seconds_round_robin(steps, repeats, warmup=2):
+    """Median seconds of each step after ``warmup`` calls, timed round-robin (one call of
+    each step in turn, ``repeats`` rounds) so that a slow phase of the machine hits all of them."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
     times = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
@@ -122,17 +128,9 @@ def throughput(names, batch, repeats, device="cpu"):
                 model(images)
             if device != "cpu":
                 torch.cuda.synchronize()
-        for _ in range(2):
-            step()
         steps[name] = step
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: dict(images_per_s=batch / statistics.median(t), input_size=sizes[name], batch=batch)
-            for name, t in times.items()}
+    return {name: dict(images_per_s=batch / seconds, input_size=sizes[name], batch=batch)
+            for name, seconds in median_seconds_round_robin(steps, repeats).items()}
 
 
 def throughput_main(args):

@@ -23,7 +23,7 @@ def load_model(spec, variant=None):
     import internimage
     from internimage.checkpoint import load_classifier_weights, load_file, to_state_dict
     from internimage.checkpoint.hub import hub_folder_of, infer_model_kwargs
-    from internimage.models.variants import PRETRAINED_CFGS, classifier_config, data_config, variant_name
+    from internimage.models.variants import PRETRAINED_CFGS, data_config
 
     if hub_folder_of(spec) is not None and not variant:
         model = internimage.from_pretrained(spec)
@@ -36,14 +36,8 @@ def load_model(spec, variant=None):
         release, spec = spec, PRETRAINED_CFGS[spec]["url"]
     checkpoint = load_file(spec)
     state_dict = to_state_dict(checkpoint)
-    if variant:
-        head = state_dict.get("head.weight")
-        kwargs = classifier_config(variant, num_classes=int(head.shape[0]) if head is not None else 1000,
-                                   drop_path_rate=0.0)
-        release = release or variant_name(variant)
-    else:
-        kwargs, inferred = infer_model_kwargs(state_dict, source=spec)
-        release = release or inferred
+    kwargs, inferred = infer_model_kwargs(state_dict, source=spec, variant=variant)
+    release = release or inferred
     model = internimage.InternImageClassifier(**kwargs)
     load_classifier_weights(model, checkpoint)
     return model.eval(), data_config(release), f"the official evaluation of {release}"

@@ -25,23 +25,19 @@ import os
 def to_hf(args):
     from internimage.checkpoint import load_file, to_state_dict
     from internimage.checkpoint.hub import hub_folder_of, infer_model_kwargs, save_hub_folder
-    from internimage.models.variants import classifier_config, data_config, variant_name
+    from internimage.models.variants import data_config
 
     checkpoint = load_file(args.src)
     state_dict = to_state_dict(checkpoint)
     meta = checkpoint.get("meta") or {}
-    kwargs, release = infer_model_kwargs(state_dict, source=args.src) if not (
-        args.model_config or args.variant or meta.get("model_kwargs")) else (None, None)
+    kwargs, release = None, None
     if args.model_config:
         with open(args.model_config) as f:
             kwargs = json.load(f)
-    elif args.variant:
-        head = state_dict.get("head.weight")
-        kwargs = classifier_config(args.variant, drop_path_rate=0.0,
-                                   num_classes=int(head.shape[0]) if head is not None else 0)
-        release = variant_name(args.variant)
-    elif meta.get("model_kwargs"):  # converted from a hub folder: keep its config as it was
+    elif meta.get("model_kwargs") and not args.variant:  # converted from a hub folder: keep its config
         kwargs = meta["model_kwargs"]
+    else:
+        kwargs, release = infer_model_kwargs(state_dict, source=args.src, variant=args.variant)
     preprocessing = meta.get("data_config") or (data_config(release) if release else None)
     if os.path.isfile(args.dst):
         raise SystemExit(f"--to hf writes a folder, and {args.dst} is a file; give a folder name")

@@ -392,29 +392,34 @@ def from_pretrained(path: str, map_location="cpu", **overrides):
     return model.to(map_location).eval()
 
 
-def infer_model_kwargs(state_dict: Dict[str, torch.Tensor], source: str = "checkpoint"):
+def infer_model_kwargs(state_dict: Dict[str, torch.Tensor], source: str = "checkpoint",
+                       variant: Optional[str] = None):
     """The classifier keyword arguments and the release whose preprocessing applies, for an
-    official-key classifier ``state_dict`` of one of the released variants (recognised by
-    its width and depths; layer scale and class count read off the weights)."""
+    official-key classifier ``state_dict`` of one of the released variants (``variant``, or
+    recognised by its width and depths; layer scale and class count read off the weights)."""
     from ..models.variants import (
         ARCH_SETTINGS,
         BACKBONE_PRETRAINED,
         DEFAULT_PRETRAINED,
         PRETRAINED_CFGS,
         classifier_config,
+        variant_name,
     )
 
     if "patch_embed.conv1.weight" not in state_dict or not any(k.startswith(("head.", "conv_head.", "fc_norm."))
                                                                  for k in state_dict):
         raise ValueError(f"{source} is not an InternImage classifier (no stem or no classification head): "
                          "the hub layout holds classifiers")
-    channels = 2 * state_dict["patch_embed.conv1.weight"].shape[0]
-    depths = [len({k.split(".")[3] for k in state_dict if k.startswith(f"levels.{i}.blocks.")}) for i in range(4)]
-    variants = [k for k, a in ARCH_SETTINGS.items() if a["channels"] == channels and a["depths"] == depths]
-    if not variants:
-        raise ValueError(f"{source}: channels {channels} and depths {depths} are not a released variant; "
-                         "state the architecture (--model-config) to write it")
-    variant = variants[0]
+    if variant is not None:
+        variant = variant_name(variant)
+    else:
+        channels = 2 * state_dict["patch_embed.conv1.weight"].shape[0]
+        depths = [len({k.split(".")[3] for k in state_dict if k.startswith(f"levels.{i}.blocks.")}) for i in range(4)]
+        variants = [k for k, a in ARCH_SETTINGS.items() if a["channels"] == channels and a["depths"] == depths]
+        if not variants:
+            raise ValueError(f"{source}: channels {channels} and depths {depths} are not a released variant; "
+                             "state the architecture (--model-config) to write it")
+        variant = variants[0]
     head = state_dict.get("head.weight")
     num_classes = int(head.shape[0]) if head is not None else 0
     release = DEFAULT_PRETRAINED[variant] if num_classes != PRETRAINED_CFGS[
