@@ -29,10 +29,14 @@ GPU compares the chosen compiled backend with the reference on a small fixed pro
 and the three gradients, float64 and float32; :func:`select_backend`) and, if it disagrees or
 fails, warns once and falls back along cuda -> triton -> reference, so that a miscompiled or
 missing kernel costs speed, not silently wrong gradients. ``DCNV3_SELF_CHECK=0`` skips the check.
+
+The C++ CPU kernels exist in copies for several x86-64 instruction sets (:func:`cpu_isa`,
+:func:`set_cpu_isa`, ``DCNV3_CPU_ISA``); bfloat16 and float16 inputs are widened to float32 in
+the kernels' loops and every sum is accumulated in float32.
 """
 import os
 import warnings
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -278,6 +282,25 @@ def get_backend(device=None) -> str:
         self_check = os.environ.get("DCNV3_SELF_CHECK", "1") != "0" and not torch.cuda.is_current_stream_capturing()
         _choices[key] = select_backend(device, _IMPLEMENTATIONS, preferred, self_check=self_check)
     return _choices[key]
+
+
+def cpu_isa() -> str:
+    """The copy of the CPU kernels that runs: ``'baseline'`` (x86-64 / any), ``'avx2'``
+    (AVX2+FMA+F16C) or ``'avx512'``. Default (``'auto'``): AVX2 where the CPU has it, else the
+    baseline; ``DCNV3_CPU_ISA`` or :func:`set_cpu_isa` choose another."""
+    return torch.ops.ops_dcnv3.cpu_isa()
+
+
+def set_cpu_isa(name: str) -> str:
+    """Run the CPU kernels compiled for ``name`` (``'baseline'``, ``'avx2'``, ``'avx512'`` or
+    ``'auto'``) from the next call on, in every thread; returns the previous choice. A set that
+    this CPU cannot run raises ``RuntimeError`` (never an illegal instruction)."""
+    return torch.ops.ops_dcnv3.set_cpu_isa(name)
+
+
+def supported_cpu_isas() -> List[str]:
+    """The kernel copies this CPU can run, e.g. ``['baseline', 'avx2']``."""
+    return list(torch.ops.ops_dcnv3.supported_cpu_isas())
 
 
 @torch.compiler.assume_constant_result

@@ -24,10 +24,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/StringUtil.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <cstdlib>
 #include <limits>
 #include <string>
@@ -36,13 +39,15 @@
 
 #include "../dcnv3.h"
 
-// The kernels are compiled twice on x86-64, for AVX2+FMA and for the baseline, and the
-// AVX2 copy runs where the CPU has it. (An AVX-512 copy measured slower than AVX2 here:
-// the channel loops of a group are only 16-32 floats long.)
+// On x86-64 the kernels are compiled three times, for the baseline, for AVX2+FMA+F16C and
+// for AVX-512 (F/BW/VL/DQ, 512-bit vectors), and one copy is picked at run time (see
+// "Instruction sets" below).
 #if defined(__GNUC__) && defined(__x86_64__)
 #define DCNV3_X86_DISPATCH 1
 #define DCNV3_INLINE inline __attribute__((always_inline))
 #define DCNV3_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define DCNV3_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")))
 #else
 #define DCNV3_X86_DISPATCH 0
 #define DCNV3_INLINE inline
@@ -50,6 +55,70 @@
 
 namespace ops_dcnv3 {
 namespace {
+
+// float32 value of a kernel input. The 16-bit types are widened with integer and float
+// operations that the compiler vectorises in the channel loops: bfloat16 is the high half
+// of a float32, and float16 is rebiased (c10::Half calls a scalar routine unless the whole
+// file is compiled with F16C). Exact for every value, NaN and +-Inf included.
+DCNV3_INLINE float bits_to_float(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+DCNV3_INLINE uint32_t float_to_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+template <typename T>
+DCNV3_INLINE at::opmath_type<T> widen(T value) {
+  return static_cast<at::opmath_type<T>>(value);
+}
+template <>
+DCNV3_INLINE float widen(c10::BFloat16 value) {
+  return bits_to_float(uint32_t(value.x) << 16);
+}
+template <>
+DCNV3_INLINE float widen(c10::Half value) {
+  const uint32_t magnitude = value.x & 0x7fffu, sign = uint32_t(value.x & 0x8000u) << 16;
+  // Normal numbers: exponent rebiased by 127 - 15 (twice for Inf/NaN, whose exponent must
+  // become 255); subnormals (and zero): magnitude x 2^-24. Selected with bit masks, not
+  // branches or ?:, which kept GCC 12 from vectorising the loops.
+  const uint32_t rebias = 0x38000000u + uint32_t(magnitude >= 0x7c00u) * 0x38000000u;
+  const uint32_t normal = (magnitude << 13) + rebias;
+  const uint32_t subnormal = float_to_bits(float(int32_t(magnitude)) * 0x1p-24f);
+  const uint32_t is_subnormal = 0u - uint32_t(magnitude < 0x0400u);
+  return bits_to_float((subnormal & is_subnormal) | (normal & ~is_subnormal) | sign);
+}
+
+// A float32 result stored in the kernel's type, rounded to nearest even. bfloat16: integer
+// rounding with a mask for NaN (vectorised); float16: a _Float16 conversion, one F16C
+// instruction in the AVX2 and AVX-512 copies (a libgcc call in the baseline copy).
+template <typename T>
+DCNV3_INLINE T narrow(at::opmath_type<T> value) {
+  return static_cast<T>(value);
+}
+template <>
+DCNV3_INLINE c10::BFloat16 narrow(float value) {
+  const uint32_t bits = float_to_bits(value);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const uint32_t is_nan = 0u - uint32_t(value != value);
+  return c10::BFloat16(uint16_t((0x7fc0u & is_nan) | (rounded & ~is_nan)), c10::BFloat16::from_bits());
+}
+template <>
+DCNV3_INLINE c10::Half narrow(float value) {
+  const _Float16 half = static_cast<_Float16>(value);
+  uint16_t bits;
+  std::memcpy(&bits, &half, sizeof(bits));
+  return c10::Half(bits, c10::Half::from_bits());
+}
+
+// Channels 2i and 2i + 1 of a bfloat16 vector as one 32-bit word (channel 2i in the low half).
+DCNV3_INLINE uint32_t channel_pair(const c10::BFloat16* values, int64_t i) {
+  uint32_t word;
+  std::memcpy(&word, values + 2 * i, sizeof(word));
+  return word;
+}
 
 struct Params {
   int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
@@ -64,14 +133,14 @@ struct Params {
 template <typename scalar_t, typename acc_t>
 inline void sampling_weights(const scalar_t* mask, int64_t points, bool softmax, acc_t* weights) {
   if (!softmax) {
-    for (int64_t k = 0; k < points; ++k) weights[k] = acc_t(mask[k]);
+    for (int64_t k = 0; k < points; ++k) weights[k] = widen(mask[k]);
     return;
   }
-  acc_t largest = acc_t(mask[0]);
-  for (int64_t k = 1; k < points; ++k) largest = std::max(largest, acc_t(mask[k]));
+  acc_t largest = widen(mask[0]);
+  for (int64_t k = 1; k < points; ++k) largest = std::max(largest, widen(mask[k]));
   acc_t total = 0;
   for (int64_t k = 0; k < points; ++k) {
-    weights[k] = std::exp(acc_t(mask[k]) - largest);
+    weights[k] = std::exp(widen(mask[k]) - largest);
     total += weights[k];
   }
   for (int64_t k = 0; k < points; ++k) weights[k] /= total;
@@ -149,6 +218,15 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
   acc_t* const acc = CG > 0 ? acc_fixed : acc_any.data();
   const std::vector<scalar_t> zeros(Cg, scalar_t(0));
   std::vector<acc_t> weights(P);
+  // bfloat16 with an even channel count: the channels are read in pairs as 32-bit words;
+  // the even channel is the word shifted left by 16, the odd one the word with its low
+  // half cleared, so one vector load feeds two float32 vectors without unpacking. `a`
+  // then holds the even channels first and the odd ones after (slot()); the store
+  // interleaves them again.
+  constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+  const bool pairs = kBf16 && Cg % 2 == 0;
+  const int64_t half = Cg / 2;
+  const auto slot = [&](int64_t ch) { return pairs ? (ch & 1) * half + ch / 2 : ch; };
   for (int64_t idx = begin; idx < end; ++idx) {
     const int64_t n = idx / hw_out, ho = (idx % hw_out) / geo.width_out, wo = idx % geo.width_out;
     const acc_t base_x = acc_t(wo * p.stride_w - p.pad_w + (p.dilation_w * (p.kernel_w - 1)) / 2);
@@ -161,8 +239,8 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
       acc_t* __restrict a = acc;
       for (int64_t ch = 0; ch < Cg; ++ch) a[ch] = acc_t(0);
       for (int64_t k = 0; k < P; ++k) {
-        const acc_t x = base_x + (grid.dx[k] + acc_t(off[(g * P + k) * 2])) * scale;
-        const acc_t y = base_y + (grid.dy[k] + acc_t(off[(g * P + k) * 2 + 1])) * scale;
+        const acc_t x = base_x + (grid.dx[k] + widen(off[(g * P + k) * 2])) * scale;
+        const acc_t y = base_y + (grid.dy[k] + widen(off[(g * P + k) * 2 + 1])) * scale;
         Corners<acc_t> c;
         if (!locate(x, y, geo.height_in, geo.width_in, c)) {
           if (!finite(x, y)) {
@@ -182,21 +260,41 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
                                    *__restrict v3 = v[3];
         if (std::isfinite(m)) {  // m folded into the corner weights: 4 multiply-adds a channel
           const acc_t w0 = m * w[0], w1 = m * w[1], w2 = m * w[2], w3 = m * w[3];
+          if constexpr (kBf16) {
+            if (pairs) {
+              for (int64_t i = 0; i < half; ++i) {
+                const uint32_t u0 = channel_pair(v0, i), u1 = channel_pair(v1, i), u2 = channel_pair(v2, i),
+                               u3 = channel_pair(v3, i);
+                a[i] += w0 * bits_to_float(u0 << 16) + w1 * bits_to_float(u1 << 16) +
+                        w2 * bits_to_float(u2 << 16) + w3 * bits_to_float(u3 << 16);
+                a[half + i] += w0 * bits_to_float(u0 & 0xffff0000u) + w1 * bits_to_float(u1 & 0xffff0000u) +
+                               w2 * bits_to_float(u2 & 0xffff0000u) + w3 * bits_to_float(u3 & 0xffff0000u);
+              }
+              continue;
+            }
+          }
           for (int64_t ch = 0; ch < Cg; ++ch) {
-            a[ch] += w0 * acc_t(v0[ch]) + w1 * acc_t(v1[ch]) + w2 * acc_t(v2[ch]) + w3 * acc_t(v3[ch]);
+            a[ch] += w0 * widen(v0[ch]) + w1 * widen(v1[ch]) + w2 * widen(v2[ch]) + w3 * widen(v3[ch]);
           }
         } else {
           // m * (bilinear value), as the reference and the CUDA kernels compute it: folded
           // into the weights, an infinite m times a corner of weight 0 would give NaN where
           // they give +-Inf.
           for (int64_t ch = 0; ch < Cg; ++ch) {
-            a[ch] += m * (w[0] * acc_t(v0[ch]) + w[1] * acc_t(v1[ch]) + w[2] * acc_t(v2[ch]) +
-                          w[3] * acc_t(v3[ch]));
+            a[slot(ch)] += m * (w[0] * widen(v0[ch]) + w[1] * widen(v1[ch]) + w[2] * widen(v2[ch]) +
+                                w[3] * widen(v3[ch]));
           }
         }
       }
       scalar_t* out = output + idx * C + g * Cg;
-      for (int64_t ch = 0; ch < Cg; ++ch) out[ch] = scalar_t(a[ch]);
+      if (pairs) {
+        for (int64_t i = 0; i < half; ++i) {
+          out[2 * i] = narrow<scalar_t>(a[i]);
+          out[2 * i + 1] = narrow<scalar_t>(a[half + i]);
+        }
+      } else {
+        for (int64_t ch = 0; ch < Cg; ++ch) out[ch] = narrow<scalar_t>(a[ch]);
+      }
     }
   }
 }
@@ -222,13 +320,31 @@ DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const sc
   const std::vector<scalar_t> zeros(Cg, scalar_t(0));
   std::vector<acc_t> sink(Cg);  // write target for corners outside the image or the range
   std::vector<acc_t> weights(P), grad_weights(P);
+  // grad_output of one (pixel, group) in float32: `go` in channel order, and for bfloat16
+  // with an even count also `go_pairs`, even channels then odd ones, for the dot products
+  // with corner values read in pairs (see forward_pixels).
+  acc_t go_fixed[CG > 0 ? 2 * CG : 1];
+  std::vector<acc_t> go_any(CG > 0 ? 0 : 2 * Cg);
+  acc_t* __restrict const go = CG > 0 ? go_fixed : go_any.data();
+  acc_t* __restrict const go_pairs = go + Cg;
+  constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+  const bool pairs = kBf16 && Cg % 2 == 0;
+  const int64_t half = Cg / 2;
   const scalar_t* image = input + n * geo.height_in * geo.width_in * C + g * Cg;
   for (int64_t pix = pix_begin; pix < pix_end; ++pix) {
     const int64_t idx = n * geo.height_out * geo.width_out + pix;
     const int64_t ho = pix / geo.width_out, wo = pix % geo.width_out;
     const acc_t base_x = acc_t(wo * p.stride_w - p.pad_w + (p.dilation_w * (p.kernel_w - 1)) / 2);
     const acc_t base_y = acc_t(ho * p.stride_h - p.pad_h + (p.dilation_h * (p.kernel_h - 1)) / 2);
-    const scalar_t* __restrict go = grad_output + idx * C + g * Cg;
+    // grad_output of this (pixel, group), widened once: it is read 8 times per point.
+    const scalar_t* __restrict go_in = grad_output + idx * C + g * Cg;
+    for (int64_t ch = 0; ch < Cg; ++ch) go[ch] = widen(go_in[ch]);
+    if (pairs) {
+      for (int64_t i = 0; i < half; ++i) {
+        go_pairs[i] = go[2 * i];
+        go_pairs[half + i] = go[2 * i + 1];
+      }
+    }
     const scalar_t* off = offset + (idx * p.group + g) * P * 2;
     const scalar_t* msk = mask + (idx * p.group + g) * P;
     scalar_t* goff = grad_offset + (idx * p.group + g) * P * 2;
@@ -236,8 +352,8 @@ DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const sc
     sampling_weights(msk, P, p.softmax, weights.data());
     int64_t misses = 0;
     for (int64_t k = 0; k < P; ++k) {
-      const acc_t x = base_x + (grid.dx[k] + acc_t(off[k * 2])) * scale;
-      const acc_t y = base_y + (grid.dy[k] + acc_t(off[k * 2 + 1])) * scale;
+      const acc_t x = base_x + (grid.dx[k] + widen(off[k * 2])) * scale;
+      const acc_t y = base_y + (grid.dy[k] + widen(off[k * 2 + 1])) * scale;
       Corners<acc_t> c;
       if (!locate(x, y, geo.height_in, geo.width_in, c)) {
         goff[k * 2] = goff[k * 2 + 1] = scalar_t(0);
@@ -266,33 +382,51 @@ DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const sc
       const scalar_t *__restrict v0 = v[0], *__restrict v1 = v[1], *__restrict v2 = v[2],
                                  *__restrict v3 = v[3];
       acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;  // <grad_output, corner value>
+      bool done = false;
+      if constexpr (kBf16) {
+        if (pairs) {
 #pragma omp simd reduction(+ : d0, d1, d2, d3)
-      for (int64_t ch = 0; ch < Cg; ++ch) {
-        const acc_t gch = acc_t(go[ch]);
-        d0 += gch * acc_t(v0[ch]);
-        d1 += gch * acc_t(v1[ch]);
-        d2 += gch * acc_t(v2[ch]);
-        d3 += gch * acc_t(v3[ch]);
+          for (int64_t i = 0; i < half; ++i) {
+            const acc_t ge = go_pairs[i], gd = go_pairs[half + i];
+            const uint32_t u0 = channel_pair(v0, i), u1 = channel_pair(v1, i), u2 = channel_pair(v2, i),
+                           u3 = channel_pair(v3, i);
+            d0 += ge * bits_to_float(u0 << 16) + gd * bits_to_float(u0 & 0xffff0000u);
+            d1 += ge * bits_to_float(u1 << 16) + gd * bits_to_float(u1 & 0xffff0000u);
+            d2 += ge * bits_to_float(u2 << 16) + gd * bits_to_float(u2 & 0xffff0000u);
+            d3 += ge * bits_to_float(u3 << 16) + gd * bits_to_float(u3 & 0xffff0000u);
+          }
+          done = true;
+        }
+      }
+      if (!done) {
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+        for (int64_t ch = 0; ch < Cg; ++ch) {
+          const acc_t gch = go[ch];
+          d0 += gch * widen(v0[ch]);
+          d1 += gch * widen(v1[ch]);
+          d2 += gch * widen(v2[ch]);
+          d3 += gch * widen(v3[ch]);
+        }
       }
       // Corners may coincide with the sink only, never with each other, so these
       // four updates are independent.
       for (int corner = 0; corner < 4; ++corner) {
         acc_t* __restrict dst = gi[corner];
         const acc_t wc = w[corner];
-        for (int64_t ch = 0; ch < Cg; ++ch) dst[ch] += wc * acc_t(go[ch]);
+        for (int64_t ch = 0; ch < Cg; ++ch) dst[ch] += wc * go[ch];
       }
       grad_weights[k] = c.weight[0] * d0 + c.weight[1] * d1 + c.weight[2] * d2 + c.weight[3] * d3;
       const acc_t grad_x = m * (c.hy * (d1 - d0) + c.ly * (d3 - d2));
       const acc_t grad_y = m * (c.hx * (d2 - d0) + c.lx * (d3 - d1));
-      goff[k * 2] = scalar_t(grad_x * scale);
-      goff[k * 2 + 1] = scalar_t(grad_y * scale);
+      goff[k * 2] = narrow<scalar_t>(grad_x * scale);
+      goff[k * 2 + 1] = narrow<scalar_t>(grad_y * scale);
     }
     // A location that is not finite gets NaN gradients. Checked in a loop of its own, run
     // only when a point missed the box: as a branch in the loop above it made the whole
     // backward ~25% slower (GCC 12 then vectorised the channel loops worse).
     for (int64_t k = 0; k < P && misses > 0; ++k) {
-      const acc_t x = base_x + (grid.dx[k] + acc_t(off[k * 2])) * scale;
-      const acc_t y = base_y + (grid.dy[k] + acc_t(off[k * 2 + 1])) * scale;
+      const acc_t x = base_x + (grid.dx[k] + widen(off[k * 2])) * scale;
+      const acc_t y = base_y + (grid.dy[k] + widen(off[k * 2 + 1])) * scale;
       if (!finite(x, y)) {
         goff[k * 2] = goff[k * 2 + 1] = std::numeric_limits<scalar_t>::quiet_NaN();
         grad_weights[k] = std::numeric_limits<acc_t>::quiet_NaN();
@@ -304,35 +438,100 @@ DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const sc
       for (int64_t k = 0; k < P; ++k) weighted += weights[k] * grad_weights[k];
     }
     for (int64_t k = 0; k < P; ++k) {
-      gmsk[k] = scalar_t(p.softmax ? weights[k] * (grad_weights[k] - weighted) : grad_weights[k]);
+      gmsk[k] = narrow<scalar_t>(p.softmax ? weights[k] * (grad_weights[k] - weighted) : grad_weights[k]);
     }
   }
 }
 
-enum class Isa { kBaseline, kAvx2 };
+// ---- Instruction sets -------------------------------------------------------------
+// "auto" (the default) runs the AVX2 copy wherever the CPU has AVX2+FMA+F16C, AVX-512
+// CPUs included: with 16-32 channels per group the loops fill one or two 512-bit
+// registers, and the AVX-512 copy has not been measured faster than AVX2 yet. It is
+// picked with DCNV3_CPU_ISA=avx512 or ops_dcnv3.set_cpu_isa("avx512"), and
+// tools/benchmark_dcnv3.py --isa all times every copy the CPU can run.
+// DCNV3_CPU_ISA=baseline|avx2|avx512|auto forces a copy for the whole process; a copy the
+// CPU cannot run is an error at the first call, never an illegal instruction.
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512"};
 
-// DCNV3_CPU_ISA=baseline forces the baseline copy (for comparisons and debugging).
-Isa detect_isa() {
+bool cpu_supports(Isa isa) {
 #if DCNV3_X86_DISPATCH
   __builtin_cpu_init();
-  const char* cap = std::getenv("DCNV3_CPU_ISA");
-  if (cap != nullptr && std::string(cap) == "baseline") return Isa::kBaseline;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  switch (isa) {
+    case Isa::kBaseline:
+      return true;
+    case Isa::kAvx2:
+      return avx2;
+    case Isa::kAvx512:
+      return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }
+  return false;
+#else
+  return isa == Isa::kBaseline;
 #endif
-  return Isa::kBaseline;
 }
 
-const Isa kIsa = detect_isa();
+std::vector<std::string> supported_isa_names();
+
+Isa auto_isa() { return cpu_supports(Isa::kAvx2) ? Isa::kAvx2 : Isa::kBaseline; }
+
+// The copy that a name asks for ("auto" included), with a clear error for a name that is
+// not an instruction set or a copy that this CPU cannot run.
+Isa isa_from_name(const std::string& name, const char* source) {
+  if (name == "auto" || name.empty()) return auto_isa();
+  for (int i = 0; i < 3; ++i) {
+    if (name != kIsaNames[i]) continue;
+    TORCH_CHECK(cpu_supports(Isa(i)), source, "=", name, ": this CPU cannot run the ", name,
+                " kernels (see /proc/cpuinfo); use one of ", c10::Join(", ", supported_isa_names()));
+    return Isa(i);
+  }
+  TORCH_CHECK(false, source, " must be auto, baseline, avx2 or avx512, got '", name, "'");
+}
+
+std::vector<std::string> supported_isa_names() {
+  std::vector<std::string> names;
+  for (int i = 0; i < 3; ++i) {
+    if (cpu_supports(Isa(i))) names.emplace_back(kIsaNames[i]);
+  }
+  return names;
+}
+
+// -1 until the first call reads DCNV3_CPU_ISA (an error there is raised at that call).
+std::atomic<int> g_isa{-1};
+
+Isa current_isa() {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa < 0) {
+    const char* env = std::getenv("DCNV3_CPU_ISA");
+    isa = int(isa_from_name(env == nullptr ? "auto" : env, "DCNV3_CPU_ISA"));
+    g_isa.store(isa, std::memory_order_relaxed);
+  }
+  return Isa(isa);
+}
+
+std::string cpu_isa() { return kIsaNames[int(current_isa())]; }
+
+// Sets the copy for later calls ("auto": the default choice); returns the previous one.
+std::string set_cpu_isa(const std::string& name) {
+  const Isa isa = isa_from_name(name, "set_cpu_isa");
+  const int previous = g_isa.exchange(int(isa));
+  return previous < 0 ? std::string("auto") : std::string(kIsaNames[previous]);
+}
 
 // One copy of each kernel per instruction set; `kernel` is forward_pixels or backward_task.
+// The op reads the chosen set once per call and passes it to every chunk.
 #define DCNV3_DEFINE_ISA_VARIANTS(kernel)                                               \
   template <typename scalar_t, int CG, typename... Args>                                \
   void kernel##_baseline(Args... args) {                                                \
     kernel<scalar_t, CG>(args...);                                                      \
   }                                                                                     \
   DCNV3_ISA_VARIANT(kernel, avx2, DCNV3_TARGET_AVX2)                                    \
+  DCNV3_ISA_VARIANT(kernel, avx512, DCNV3_TARGET_AVX512)                                \
   template <typename scalar_t, int CG, typename... Args>                                \
-  void kernel##_dispatch(Args... args) {                                                \
+  void kernel##_dispatch(Isa isa, Args... args) {                                       \
     DCNV3_ISA_CALL(kernel, args)                                                        \
     kernel##_baseline<scalar_t, CG>(args...);                                           \
   }
@@ -344,7 +543,8 @@ const Isa kIsa = detect_isa();
     kernel<scalar_t, CG>(args...);                                                      \
   }
 #define DCNV3_ISA_CALL(kernel, args)                                                    \
-  if (kIsa == Isa::kAvx2) return kernel##_avx2<scalar_t, CG>(args...);
+  if (isa == Isa::kAvx512) return kernel##_avx512<scalar_t, CG>(args...);               \
+  if (isa == Isa::kAvx2) return kernel##_avx2<scalar_t, CG>(args...);
 #else
 #define DCNV3_ISA_VARIANT(kernel, isa, target)
 #define DCNV3_ISA_CALL(kernel, args)
@@ -382,6 +582,7 @@ at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_
   TORCH_CHECK(input_.device().is_cpu(), "dcnv3_forward_cpu: tensors must be on the CPU");
   const Params p = make_params(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
                                dilation_w, group, group_channels, offset_scale, remove_center, softmax);
+  const Isa isa = current_isa();
   const at::Tensor input = input_.contiguous(), offset = offset_.contiguous(), mask = mask_.contiguous();
   at::Tensor output = at::empty({geo.batch, geo.height_out, geo.width_out, geo.channels}, input.options());
   const int64_t pixels = geo.batch * geo.height_out * geo.width_out;
@@ -395,7 +596,7 @@ at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     dispatch_group_channels<scalar_t>(group_channels, [&](auto cg) {
       at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
-        forward_pixels_dispatch<scalar_t, decltype(cg)::value>(in, off, msk, out, geo, p, begin, end);
+        forward_pixels_dispatch<scalar_t, decltype(cg)::value>(isa, in, off, msk, out, geo, p, begin, end);
       });
     });
   });
@@ -429,7 +630,7 @@ void touched_rows(const scalar_t* offset, const Geometry& geo, const Params& p,
     const int64_t idx = (n * geo.height_out + ho) * geo.width_out + wo;
     const scalar_t* off = offset + (idx * p.group + g) * P * 2;
     for (int64_t k = 0; k < P; ++k) {
-      const acc_t y = base_y + (grid.dy[k] + acc_t(off[k * 2 + 1])) * scale;
+      const acc_t y = base_y + (grid.dy[k] + widen(off[k * 2 + 1])) * scale;
       if (!(y > acc_t(-2) && y < acc_t(geo.height_in + 1))) continue;  // NaN fails too
       const int64_t y0 = static_cast<int64_t>(std::floor(y));
       lo = std::min(lo, y0 - 1);
@@ -503,6 +704,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
                                dilation_w, group, group_channels, offset_scale, remove_center, softmax);
   const at::Tensor grad_output = grad_output_.contiguous(), input = input_.contiguous(),
                    offset = offset_.contiguous(), mask = mask_.contiguous();
+  const Isa isa = current_isa();
   at::Tensor grad_offset = at::empty_like(offset);
   at::Tensor grad_mask = at::empty_like(mask);
 
@@ -535,13 +737,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
             for (int64_t pair = begin; pair < end; ++pair) {
               const int64_t n = pair / group, g = pair % group;
               backward_task_dispatch<scalar_t, decltype(cg)::value>(
-                  go, in, off, msk, gin + n * hw_in * geo.channels + g * group_channels, geo.channels, int64_t(0),
-                  hw_in, goff, gmsk, geo, p, n, g, int64_t(0), hw_out, std::false_type{});
+                  isa, go, in, off, msk, gin + n * hw_in * geo.channels + g * group_channels, geo.channels,
+                  int64_t(0), hw_in, goff, gmsk, geo, p, n, g, int64_t(0), hw_out, std::false_type{});
             }
           });
         });
         return;
       }
+    } else if (wanted_bands == 1) {
+      // 16-bit types: each pair accumulates in a float32 image of its own (one per thread,
+      // reused), written to grad_input once, rounded, when the pair is done.
+      dispatch_group_channels<scalar_t>(group_channels, [&](auto cg) {
+        at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> scratch(hw_in * group_channels);
+          for (int64_t pair = begin; pair < end; ++pair) {
+            const int64_t n = pair / group, g = pair % group;
+            std::fill(scratch.begin(), scratch.end(), acc_t(0));
+            backward_task_dispatch<scalar_t, decltype(cg)::value>(
+                isa, go, in, off, msk, scratch.data(), group_channels, int64_t(0), hw_in, goff, gmsk, geo, p, n,
+                g, int64_t(0), hw_out, std::false_type{});
+            scalar_t* dst = gin + n * hw_in * geo.channels + g * group_channels;
+            for (int64_t pixel = 0; pixel < hw_in; ++pixel) {
+              for (int64_t ch = 0; ch < group_channels; ++ch) {
+                dst[pixel * geo.channels + ch] = narrow<scalar_t>(scratch[pixel * group_channels + ch]);
+              }
+            }
+          }
+        });
+      });
+      return;
     }
     const Bands bands = plan_bands(off, geo, p, wanted_bands);
     const int64_t tasks = pairs * bands.count;
@@ -557,7 +781,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
           const int64_t rows_begin = band * geo.height_out / bands.count;
           const int64_t rows_end = (band + 1) * geo.height_out / bands.count;
           backward_task_dispatch<scalar_t, decltype(cg)::value>(
-              go, in, off, msk, partial_base + bands.start[task] * row_size, group_channels,
+              isa, go, in, off, msk, partial_base + bands.start[task] * row_size, group_channels,
               bands.lo[task] * geo.width_in, bands.hi[task] * geo.width_in, goff, gmsk, geo, p, n, g,
               rows_begin * geo.width_out, rows_end * geo.width_out, std::true_type{});
         }
@@ -579,7 +803,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
         scalar_t* dst = gin + (n * hw_in + y * geo.width_in) * geo.channels + g * group_channels;
         for (int64_t x = 0; x < geo.width_in; ++x) {
           for (int64_t ch = 0; ch < group_channels; ++ch) {
-            dst[x * geo.channels + ch] = scalar_t(sum[x * group_channels + ch]);
+            dst[x * geo.channels + ch] = narrow<scalar_t>(sum[x * group_channels + ch]);
           }
         }
       }
@@ -589,6 +813,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ops_dcnv3, m) {
+  // Which copy of the CPU kernels runs (see "Instruction sets"); ops_dcnv3.cpu_isa() etc.
+  m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("set_cpu_isa(str isa) -> str", &set_cpu_isa);
+  m.def("supported_cpu_isas() -> str[]", &supported_isa_names);
+}
 
 TORCH_LIBRARY_IMPL(ops_dcnv3, CPU, m) {
   m.impl("dcnv3_forward", &dcnv3_forward_cpu);
