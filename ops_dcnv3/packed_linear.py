@@ -1,4 +1,4 @@
-"""Inference-time linear layers on oneDNN with prepacked weights (CPU, float32).
+"""Inference-time linear layers on oneDNN with prepacked weights (CPU, float32 and bfloat16).
 
 ``torch.nn.Linear`` on CPU calls MKL's GEMM after copying the bias into the output, and a
 following GELU is one more pass over it. For inference, :func:`linear` runs the same
@@ -7,13 +7,24 @@ on the module until the weight changes) and the GELU fused into the GEMM. On Int
 this takes about 15% off a CPU forward pass; results agree with ``nn.Linear`` to float32
 rounding.
 
+Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (or with bfloat16 inputs and
+weights), on CPUs where oneDNN has native bfloat16 kernels (AVX512-BF16, AMX, AVX-NE-CONVERT;
+``torch.ops.mkldnn._is_mkldnn_bf16_supported()``), the layer runs in bfloat16 on a cached
+bfloat16 copy of the weight in oneDNN's layout (AMX tiles where present). Autocast itself
+would cast the float32 weight to bfloat16 and oneDNN would reorder it at every call. Inputs
+are cast to bfloat16 as autocast casts them, the output is bfloat16 as autocast's, and
+products accumulate in float32 in both: results equal autocast's up to summation order.
+On other CPUs autocast runs as usual (there bfloat16 matrix products are emulated and
+slower than float32).
+
 It is used only where it is safe: no autograd (``torch.no_grad`` / ``inference_mode``), a
-float32 CPU tensor, no autocast, no tracing or compiling, and no hooks on the layer (they
-would be bypassed). Otherwise, and where PyTorch lacks the oneDNN ops, the layer runs as
-usual. ``INTERNIMAGE_PACKED_LINEAR=0`` turns it off; :func:`release_packed_weights` frees
-the cached copies (about the size of the model's linear weights).
+CPU tensor, no tracing or compiling, and no hooks on the layer (they would be bypassed).
+Otherwise, and where PyTorch lacks the oneDNN ops, the layer runs as usual.
+``INTERNIMAGE_PACKED_LINEAR=0`` turns it off; :func:`release_packed_weights` frees the
+cached copies (about the size of the model's linear weights per dtype).
 """
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,36 +42,74 @@ def _ops_available() -> bool:
         return False
 
 
+def _bf16_available() -> bool:
+    try:
+        return AVAILABLE and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 AVAILABLE = _ops_available()
+BF16_AVAILABLE = _bf16_available()  # native bfloat16 oneDNN kernels on this CPU
 
 
 def enabled() -> bool:
     return AVAILABLE and os.environ.get("INTERNIMAGE_PACKED_LINEAR", "1") != "0"
 
 
+def _compute_dtype(layer: nn.Linear, x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype the packed path computes ``layer(x)`` in, or None where it does not apply."""
+    if (torch.is_grad_enabled() or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0
+            or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or layer._forward_hooks or layer._forward_pre_hooks or not enabled()):
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        # autocast would compute in bfloat16: packed bfloat16 where oneDNN has native kernels
+        # for it, else autocast's own path.
+        floats = (torch.float32, torch.bfloat16)
+        if (torch.get_autocast_dtype("cpu") == torch.bfloat16 and BF16_AVAILABLE
+                and x.dtype in floats and layer.weight.dtype in floats):
+            return torch.bfloat16
+        return None
+    if x.dtype == layer.weight.dtype and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and BF16_AVAILABLE)):
+        return x.dtype
+    return None
+
+
+def _reorder_weight(weight):
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+
+def _linear_pointwise(*args):
+    return torch.ops.mkldnn._linear_pointwise(*args)
+
+
 def _usable(layer: nn.Linear, x: torch.Tensor) -> bool:
-    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-            and layer.weight.dtype == torch.float32 and x.is_contiguous() and x.numel() > 0
-            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling()
-            and not (layer._forward_hooks or layer._forward_pre_hooks) and enabled())
+    return _compute_dtype(layer, x) is not None
 
 
-def _packed(layer: nn.Linear) -> torch.Tensor:
-    weight = layer.weight
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
-    cached = getattr(layer, _CACHE_ATTR, None)
+def _packed(layer: nn.Linear, dtype: torch.dtype):
+    """(weight in oneDNN's layout, bias) in ``dtype``, cached per dtype until the parameters change."""
+    weight, bias = layer.weight, layer.bias
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape),
+           None if bias is None else (bias.data_ptr(), bias._version))
+    caches = getattr(layer, _CACHE_ATTR, None)
+    if caches is None:
+        caches = {}
+        object.__setattr__(layer, _CACHE_ATTR, caches)  # not a parameter or buffer: no state_dict entry
+    cached = caches.get(dtype)
     if cached is None or cached[0] != key:
-        cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
-        object.__setattr__(layer, _CACHE_ATTR, cached)  # not a parameter or buffer: no state_dict entry
-    return cached[1]
+        packed_weight = _reorder_weight(weight.detach().to(dtype))
+        cached = caches[dtype] = (key, packed_weight, None if bias is None else bias.detach().to(dtype))
+    return cached[1], cached[2]
 
 
 def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
     """``layer(x)``, or ``F.gelu(layer(x))`` with ``gelu=True`` (exact erf GELU)."""
-    if _usable(layer, x):
-        return torch.ops.mkldnn._linear_pointwise(x, _packed(layer), layer.bias, "gelu" if gelu else "none",
-                                                  [], "none" if gelu else "")
+    dtype = _compute_dtype(layer, x)
+    if dtype is not None:
+        weight, bias = _packed(layer, dtype)
+        return _linear_pointwise(x.to(dtype), weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
     out = layer(x)
     return F.gelu(out) if gelu else out
 

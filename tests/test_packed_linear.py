@@ -55,8 +55,13 @@ def test_plain_path_where_packing_does_not_apply(monkeypatch):
         assert not packed_linear._usable(layer, x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             monkeypatch.setenv("INTERNIMAGE_PACKED_LINEAR", "1")
+            # bfloat16 autocast: packed only where oneDNN has native bfloat16 kernels
+            assert packed_linear._usable(layer, x) == packed_linear.BF16_AVAILABLE
+            assert not packed_linear._usable(layer, x.double())
+        with torch.autocast("cpu", dtype=torch.float16):
             assert not packed_linear._usable(layer, x)
         assert packed_linear._usable(layer, x) == packed_linear.AVAILABLE
+        assert packed_linear._usable(layer.bfloat16(), x.bfloat16()) == packed_linear.BF16_AVAILABLE
 
 
 @needs_onednn
@@ -73,3 +78,84 @@ def test_backbone_inference_same_with_and_without_packing(monkeypatch):
     assert any(hasattr(m, packed_linear._CACHE_ATTR) for m in model.modules())
     model.train()  # training frees the inference copies
     assert not any(hasattr(m, packed_linear._CACHE_ATTR) for m in model.modules())
+
+
+needs_bf16 = pytest.mark.skipif(not packed_linear.BF16_AVAILABLE,
+                                reason="no native bfloat16 oneDNN kernels on this CPU (AVX512-BF16/AMX/AVX-NE-CONVERT)")
+
+
+@needs_bf16
+@pytest.mark.parametrize("gelu", [False, True])
+def test_packed_bfloat16_under_autocast_matches_autocast_linear(gelu):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96)
+    x = torch.randn(2, 7, 9, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.gelu(layer(x)) if gelu else layer(x)
+        got = linear(layer, x, gelu=gelu)
+        assert torch.bfloat16 in getattr(layer, packed_linear._CACHE_ATTR)  # the packed bfloat16 path ran
+        again = linear(layer, x.bfloat16(), gelu=gelu)  # bfloat16 input: same result
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+    with torch.no_grad():
+        layer.weight.mul_(2)  # repacked after an in-place update
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(linear(layer, x), layer(x), rtol=2e-2, atol=2e-2)
+
+
+@needs_bf16
+def test_backbone_under_bfloat16_autocast_same_with_and_without_packing(monkeypatch):
+    torch.manual_seed(0)
+    model = InternImage(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = model(x)
+        monkeypatch.setenv("INTERNIMAGE_PACKED_LINEAR", "0")
+        plain = model(x)
+    for a, b in zip(packed, plain):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_bfloat16_path_plumbing_with_stand_in_kernels(monkeypatch):
+    """Where the CPU has no native bfloat16 kernels the packed bfloat16 path cannot run; its
+    casting, caching per dtype and repacking are checked with stand-ins for the two oneDNN
+    ops (the product in float32, rounded to bfloat16) so that they are tested everywhere."""
+    calls = []
+
+    def reorder(weight):
+        calls.append(("reorder", weight.dtype))
+        return weight.clone()
+
+    def pointwise(x, weight, bias, attr, scalars, algorithm):
+        calls.append(("linear", x.dtype, weight.dtype, None if bias is None else bias.dtype))
+        out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        return (F.gelu(out) if attr == "gelu" else out).to(x.dtype)
+
+    monkeypatch.setattr(packed_linear, "BF16_AVAILABLE", True)
+    monkeypatch.setattr(packed_linear, "AVAILABLE", True)
+    monkeypatch.setattr(packed_linear, "_reorder_weight", reorder)
+    monkeypatch.setattr(packed_linear, "_linear_pointwise", pointwise)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 16)
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = F.gelu(layer(x))
+            got = linear(layer, x, gelu=True)
+            linear(layer, x.bfloat16(), gelu=True)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        assert calls == [("reorder", torch.bfloat16), ("linear", torch.bfloat16, torch.bfloat16, torch.bfloat16),
+                         ("linear", torch.bfloat16, torch.bfloat16, torch.bfloat16)]  # packed once
+        calls.clear()
+        linear(layer, x)  # float32 outside autocast: its own cached copy next to the bfloat16 one
+        assert calls[0] == ("reorder", torch.float32)
+        assert set(getattr(layer, packed_linear._CACHE_ATTR)) == {torch.float32, torch.bfloat16}
+        calls.clear()
+    with torch.no_grad():
+        layer.bias.add_(1)  # an in-place update of the bias alone repacks too
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(linear(layer, x), layer(x), rtol=2e-2, atol=2e-2)
+    assert calls[0] == ("reorder", torch.bfloat16)

@@ -134,8 +134,9 @@ class MLPLayer(nn.Module):
 
     With GELU and no hooks on its layers it takes a fused path: in training, the GELU is
     recomputed in backward instead of stored (:mod:`internimage.models.gelu_mlp`); in
-    inference, oneDNN linears with the GELU fused (:mod:`ops_dcnv3.packed_linear`). Results
-    equal the plain path; hooks, tracing, dropout and autocast take the plain path.
+    inference, oneDNN linears with the GELU fused (:mod:`ops_dcnv3.packed_linear`; in bfloat16
+    under autocast where the CPU has native bfloat16 kernels). Results equal the plain path up
+    to rounding; hooks, tracing and dropout take the plain path.
     """
 
     def __init__(self, in_features, hidden_features, act_layer="GELU", drop=0.0):
