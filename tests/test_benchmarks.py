@@ -54,6 +54,25 @@ def test_benchmark_times_models_round_robin():
     assert set(times) == {"internimage_t", "internimage_t_reference"} and all(t > 0 for t in times.values())
 
 
+def test_benchmark_times_float32_and_bfloat16_cases_in_one_round_robin():
+    cases = [("tiny fp32", 1, 64, 64, "inference"), ("tiny bf16", 1, 64, 64, "bf16")]
+    times = benchmark.time_cases(["internimage_t", "convnext_tiny"], cases, 1)
+    assert set(times) == {(c[0], m) for c in cases for m in ("internimage_t", "convnext_tiny")}
+    assert all(t > 0 for t in times.values())
+    agreement = benchmark.top1_agreement("internimage_t", images=2, batch=2, size=64)
+    assert 0 <= agreement["top1_agreement"] <= 1 and 0 <= agreement["max_rel_logit_diff"] < 0.5
+    env = benchmark.environment()
+    assert env["dcnv3_cpu_isa"] == ops_dcnv3.cpu_isa() and env["cpu"] and isinstance(env["onednn_native_bf16"], bool)
+
+
+def test_benchmark_dcnv3_dtype_table_per_isa():
+    rows = benchmark_dcnv3.dtype_isa_rows(ops_dcnv3.supported_cpu_isas()[:2], batch=1, repeats=1)
+    assert ops_dcnv3.cpu_isa() == ops_dcnv3.set_cpu_isa("auto")  # the choice in use is restored
+    keys = {(r["shape"], r["isa"], r["dtype"], r["mode"]) for r in rows}
+    assert len(keys) == len(rows) == 4 * len(ops_dcnv3.supported_cpu_isas()[:2]) * 3 * 2
+    assert all(r["ms"] > 0 for r in rows)
+
+
 def test_peak_memory_probe_measures_a_fresh_step():
     # 4 MiB of float32 allocated by the step: the probe sees at least that, and not a model's worth.
     extra = benchmark_dcnv3.peak_extra_memory("ours", "forward", 32, 64, 4, threads=1)

@@ -1,17 +1,23 @@
 """End-to-end CPU benchmark: InternImage-T against timm's ConvNeXt-T and Swin-T, and against
-the same InternImage-T on the pure-PyTorch reference DCNv3 core (the official CPU path).
+the same InternImage-T on the pure-PyTorch reference DCNv3 core (the official CPU path),
+in float32 and under bfloat16 autocast.
 
 Times are medians after warm-up, in one process with a fixed thread count, the models of
 a case timed in turn (round-robin) so that load from elsewhere on the machine affects
-them alike; peak memory is the growth of peak RSS in a fresh subprocess running one more
-step after warm-up.
+them alike; the float32 and bfloat16 inference cases of a batch size are timed in the same
+round-robin. Peak memory is the growth of peak RSS in a fresh subprocess running one more
+step after warm-up. The output starts with the CPU's model name and vector/matrix ISA
+flags, the DCNv3 kernel copy in use and whether oneDNN has native bfloat16 kernels, and
+ends with the top-1 agreement of each classifier under bfloat16 autocast with its float32
+self on random images (randomly initialised weights: a check of the bfloat16 path's
+numerics, not of accuracy).
 
-    python tools/benchmark.py [--threads N] [--repeats R] [--no-memory] [--bf16] [--json OUT]
+    python tools/benchmark.py [--threads N] [--repeats R] [--no-memory] [--no-bf16] [--json OUT]
     python tools/benchmark.py --throughput [--models internimage_t_1k_224 convnext_tiny] [--batch 8]
         [--device cpu|cuda]     # images/s at each model's native resolution, as the official --throughput
 
-``--bf16`` adds inference under ``torch.autocast("cpu", torch.bfloat16)`` (informational;
-worthwhile on CPUs with native bfloat16 arithmetic, e.g. AVX512-BF16 or AMX).
+bfloat16 is fast only on CPUs with native bfloat16 arithmetic (AVX512-BF16, AMX); elsewhere
+oneDNN and PyTorch emulate it and every model is several times slower than in float32.
 """
 import argparse
 import json
@@ -75,13 +81,46 @@ def make_step(model, mode, batch, height, width):
 
 def time_models(names, case, repeats):
     """Median seconds per step of each model of a benchmark case, timed round-robin."""
-    _, batch, height, width, mode = case
+    return {name: seconds for (_, name), seconds in time_cases(names, [case], repeats).items()}
+
+
+def time_cases(names, cases, repeats):
+    """Median seconds per step of each (case name, model) of several cases, all timed in one
+    round-robin (e.g. float32 and bfloat16 inference at the same batch size)."""
     steps = {}
-    for name in names:
-        model = build(name, mode)
-        if model is not None:
-            steps[name] = make_step(model, mode, batch, height, width)
+    for case in cases:
+        _, batch, height, width, mode = case
+        for name in names:
+            model = build(name, mode)
+            if model is not None:
+                steps[(case[0], name)] = make_step(model, mode, batch, height, width)
     return median_seconds_round_robin(steps, repeats)
+
+
+def top1_agreement(name, images=32, batch=8, size=224):
+    """Fraction of random images whose bfloat16-autocast top-1 class equals the float32 one,
+    and the largest logit difference relative to the largest float32 logit."""
+    torch.manual_seed(0)
+    model = build(name, "inference").eval()
+    agree, worst = 0, 0.0
+    with torch.inference_mode():
+        for start in range(0, images, batch):
+            x = torch.rand(min(batch, images - start), 3, size, size)
+            full = model(x).float()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                half = model(x).float()
+            agree += int((full.argmax(1) == half.argmax(1)).sum())
+            worst = max(worst, ((full - half).abs().max() / full.abs().max()).item())
+    return {"top1_agreement": agree / images, "images": images, "max_rel_logit_diff": worst}
+
+
+def environment():
+    """What the numbers depend on: CPU and ISA flags, the DCNv3 kernel copy, native bfloat16."""
+    import ops_dcnv3
+    from ops_dcnv3 import packed_linear
+
+    return {"cpu": cpu_description(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "dcnv3_cpu_isa": ops_dcnv3.cpu_isa(), "onednn_native_bf16": packed_linear.BF16_AVAILABLE}
 
 
 def median_seconds_round_robin(steps, repeats, warmup=2):
@@ -164,27 +203,37 @@ def main():
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--bf16", action="store_true", help="also time inference under bfloat16 autocast")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 autocast cases")
+    parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.throughput:
         return throughput_main(args)
-    print(f"torch {torch.__version__}, CPU: {cpu_description()}, threads: {torch.get_num_threads()}, "
+    env = environment()
+    print(f"torch {env['torch']}, CPU: {env['cpu']}, threads: {env['threads']}, DCNv3 kernels: "
+          f"{env['dcnv3_cpu_isa']}, oneDNN native bfloat16: {'yes' if env['onednn_native_bf16'] else 'no'}, "
           f"median of {args.repeats} after warm-up")
 
+    all_cases = CASES + ([] if args.no_bf16 else BF16_CASES)
+    # Float32 and bfloat16 inference at the same batch size share one round-robin.
+    groups = [[case] + [other for other in all_cases if other[4] == "bf16" and other[1:4] == case[1:4]]
+              if case[4] == "inference" else [case] for case in CASES]
     results = {}
-    for index, case in enumerate(CASES + BF16_CASES):
-        if case[4] == "bf16" and not args.bf16:
-            continue
-        for name, seconds in time_models(MODELS, case, args.repeats).items():
-            row = {"ms": seconds * 1e3}
-            if not args.no_memory:
-                row["peak_mb"] = peak_memory_mb(name, index, args.threads)
-            results.setdefault(case[0], {})[name] = row
-            print(f"  {case[0]:<26} {name:<24} {row['ms']:9.1f} ms"
-                  + ("" if args.no_memory else f" {row['peak_mb']:8.0f} MB"), flush=True)
+    for group in groups:
+        times = time_cases(MODELS, group, args.repeats)
+        for case in group:
+            index = all_cases.index(case)
+            for name in MODELS:
+                if (case[0], name) not in times:
+                    continue
+                row = {"ms": times[(case[0], name)] * 1e3}
+                if not args.no_memory:
+                    row["peak_mb"] = peak_memory_mb(name, index, args.threads)
+                results.setdefault(case[0], {})[name] = row
+                print(f"  {case[0]:<26} {name:<24} {row['ms']:9.1f} ms"
+                      + ("" if args.no_memory else f" {row['peak_mb']:8.0f} MB"), flush=True)
 
     print(f"\n{'case':<26}" + "".join(f"{m:>26}" for m in MODELS))
     for case, rows in results.items():
@@ -197,10 +246,16 @@ def main():
         if not args.no_memory:
             line += f", memory ours / ConvNeXt-T {ours['peak_mb'] / rows['convnext_tiny']['peak_mb']:.2f}x"
         print(line)
+    agreement = {}
+    if not args.no_bf16:
+        for name in ("internimage_t", "convnext_tiny"):
+            agreement[name] = top1_agreement(name)
+            print(f"bfloat16 autocast vs float32, {name}: top-1 agreement {agreement[name]['top1_agreement']:.0%} "
+                  f"of {agreement[name]['images']} random images, largest logit difference "
+                  f"{agreement[name]['max_rel_logit_diff']:.1%} of the largest logit")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": cpu_description(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                       "results": results}, f, indent=2)
+            json.dump(dict(env, repeats=args.repeats, results=results, bf16_agreement=agreement), f, indent=2)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,12 @@ into an output-sized tensor measured in the same run: the fewest bytes the op mu
 (input, offsets, mask, output) over its time, as a fraction of the copy's bandwidth.
 
     python tools/benchmark_dcnv3.py [--threads N] [--repeats R] [--json OUT]
+    python tools/benchmark_dcnv3.py --dtypes [--isa auto|all|baseline|avx2|avx512] [--batch 8] [--json OUT]
+
+``--dtypes`` times the CPU kernels in float32, bfloat16 and float16 at the stage shapes (batch
+8 by default), forward and forward+backward, all of a shape round-robin, for the kernel copy
+of each instruction set asked for (``all``: every copy this CPU can run), and prints each
+16-bit time over the float32 time of the same copy.
     python tools/benchmark_dcnv3.py --device cuda [--backend cuda|triton|both] [--repeats R] [--json OUT]
 """
 import argparse
@@ -258,6 +264,75 @@ def print_cuda_rows(rows, timed):
                   f"range {min(ratios):.2f} - {max(ratios):.2f}")
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_isa_rows(isas, batch, repeats):
+    """Median ms of the CPU kernels per (shape, ISA copy, dtype, mode), each shape's steps
+    timed round-robin; ISA copies are switched with ops_dcnv3.set_cpu_isa inside the steps."""
+    rows = []
+    previous = ops_dcnv3.set_cpu_isa("auto")
+    try:
+        for name, size, channels, groups in STAGES:
+            tensors, params = make_inputs(size, channels, groups, batch=batch)
+            tensors[2] = torch.randn(tensors[2].shape, generator=torch.Generator().manual_seed(1)) * 2  # logits
+            steps = {}
+            for isa in isas:
+                for dtype_name, dtype in DTYPES.items():
+                    inputs = [t.to(dtype) for t in tensors]
+                    for mode in ("forward", "forward+backward"):
+                        leaves = [t.clone().requires_grad_(mode != "forward") for t in inputs]
+
+                        def step(isa=isa, leaves=leaves, mode=mode):
+                            ops_dcnv3.set_cpu_isa(isa)
+                            run_once(lambda *a: ops_dcnv3.dcnv3(*a, softmax=True), mode, leaves, params)
+                        steps[(isa, dtype_name, mode)] = step
+            for (isa, dtype_name, mode), seconds in median_round_robin(steps, repeats).items():
+                rows.append({"shape": name, "isa": isa, "dtype": dtype_name, "mode": mode, "ms": seconds * 1e3})
+    finally:
+        ops_dcnv3.set_cpu_isa(previous)
+    return rows
+
+
+def median_round_robin(steps, repeats, warmup=2):
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {key: [] for key in steps}
+    for _ in range(repeats):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+def dtypes_main(args):
+    from internimage.utils.benchmark import cpu_description
+
+    supported = ops_dcnv3.supported_cpu_isas()
+    isas = supported if args.isa == "all" else [ops_dcnv3.cpu_isa() if args.isa == "auto" else args.isa]
+    missing = [isa for isa in isas if isa not in supported]
+    if missing:
+        raise SystemExit(f"--isa {missing[0]}: this CPU runs only {', '.join(supported)}")
+    print(f"CPU: {cpu_description()}, threads: {torch.get_num_threads()}, batch {args.batch}, kernel copies: "
+          f"{', '.join(isas)} (default: {ops_dcnv3.cpu_isa()}), median of {args.repeats}")
+    rows = dtype_isa_rows(isas, args.batch, args.repeats)
+    table = {(r["shape"], r["isa"], r["dtype"], r["mode"]): r["ms"] for r in rows}
+    print(f"{'shape':<22}{'isa':<10}{'mode':<18}" + "".join(f"{d + ' ms':>10}" for d in DTYPES)
+          + f"{'bf16/fp32':>11}{'fp16/fp32':>11}")
+    for name, *_ in STAGES:
+        for isa in isas:
+            for mode in ("forward", "forward+backward"):
+                ms = {d: table[(name, isa, d, mode)] for d in DTYPES}
+                print(f"{name:<22}{isa:<10}{mode:<18}" + "".join(f"{ms[d]:>10.2f}" for d in DTYPES)
+                      + f"{ms['bf16'] / ms['fp32']:>10.2f}x{ms['fp16'] / ms['fp32']:>10.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cpu": cpu_description(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                       "batch": args.batch, "rows": rows}, f, indent=2)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -267,10 +342,17 @@ def main():
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--no-memory", action="store_true", help="skip the (subprocess) memory measurement")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--dtypes", action="store_true",
+                        help="CPU kernels in float32 / bfloat16 / float16 per instruction-set copy (see --isa)")
+    parser.add_argument("--isa", default="auto", choices=["auto", "all", "baseline", "avx2", "avx512"],
+                        help="--dtypes: the kernel copies to time (all: every copy this CPU runs)")
+    parser.add_argument("--batch", type=int, default=8, help="--dtypes: batch size (default 8)")
     args = parser.parse_args()
     if args.device == "cuda":
         return cuda_main(args)
     torch.set_num_threads(args.threads)
+    if args.dtypes:
+        return dtypes_main(args)
     print(f"torch {torch.__version__}, threads: {torch.get_num_threads()}, repeats: {args.repeats} (median)")
 
     rows = []
