@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.init import constant_, xavier_uniform_
 
 from .functions import dcnv3, dcnv3_reference
-from .packed_linear import linear
+from .packed_linear import linear, linear_pair
 
 __all__ = ["DCNv3", "DCNv3_pytorch", "build_norm_layer", "build_act_layer", "to_channels_first", "to_channels_last"]
 
@@ -137,8 +137,9 @@ class DCNv3(nn.Module):
         """input: (N, H, W, C) -> (N, Ho, Wo, C)."""
         x_proj = linear(self.input_proj, input)
         features = self.dw_conv(input.permute(0, 3, 1, 2))  # channels-last out
-        offset = linear(self.offset, features)
-        mask_logits = linear(self.mask, features)  # softmax over the points of each group: inside the op
+        # One matrix product for both on the packed inference path (the op reads the slices);
+        # softmax over the points of each group: inside the op.
+        offset, mask_logits = linear_pair(self.offset, self.mask, features)
         x = self.core_op(x_proj, offset, mask_logits, self.kernel_size, self.kernel_size, self.stride, self.stride,
                          self.pad, self.pad, self.dilation, self.dilation, self.group, self.group_channels,
                          self.offset_scale, self.remove_center, softmax=True)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _CACHE_ATTR = "_packed_weight"
+_PAIR_ATTR = "_packed_pair"
 
 
 def _ops_available() -> bool:
@@ -114,8 +115,33 @@ def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False) -> torch.Tenso
     return F.gelu(out) if gelu else out
 
 
+def linear_pair(first: nn.Linear, second: nn.Linear, x: torch.Tensor):
+    """``(first(x), second(x))`` for two layers with the same input, as one matrix product on
+    the packed path (their weights stacked, cached on ``first``): the results are channel
+    slices of one tensor, which the DCNv3 CPU kernels read in place. Elsewhere two calls."""
+    dtype = _compute_dtype(first, x)
+    if dtype is None or _compute_dtype(second, x) != dtype:
+        return linear(first, x), linear(second, x)
+    key = tuple((t.data_ptr(), t._version, tuple(t.shape)) if t is not None else None
+                for t in (first.weight, first.bias, second.weight, second.bias))
+    caches = getattr(first, _PAIR_ATTR, None)
+    if caches is None:
+        caches = {}
+        object.__setattr__(first, _PAIR_ATTR, caches)
+    cached = caches.get(dtype)
+    if cached is None or cached[0] != key or cached[3] is not second:
+        weight = torch.cat([first.weight.detach(), second.weight.detach()]).to(dtype)
+        biases = [layer.bias.detach() if layer.bias is not None else torch.zeros(layer.out_features)
+                  for layer in (first, second)]
+        cached = caches[dtype] = (key, _reorder_weight(weight), torch.cat(biases).to(dtype), second)
+    out = _linear_pointwise(x.to(dtype), cached[1], cached[2], "none", [], "")
+    return out[..., :first.out_features], out[..., first.out_features:]
+
+
 def release_packed_weights(model: nn.Module) -> None:
     """Drop the cached oneDNN copies of the weights of ``model``'s linear layers."""
     for module in model.modules():
-        if isinstance(module, nn.Linear) and hasattr(module, _CACHE_ATTR):
-            object.__delattr__(module, _CACHE_ATTR)
+        if isinstance(module, nn.Linear):
+            for attr in (_CACHE_ATTR, _PAIR_ATTR):
+                if hasattr(module, attr):
+                    object.__delattr__(module, attr)

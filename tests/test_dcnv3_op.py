@@ -241,6 +241,32 @@ def test_non_contiguous_inputs():
         torch.testing.assert_close(g, r, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_offsets_and_masks_as_channel_slices_of_one_tensor(batch, dtype):
+    """The module's packed inference path passes offsets and masks as slices of one matrix
+    product's output; the CPU forward reads them in place (pixels further apart than their
+    channels). Same results as contiguous copies, forward and backward."""
+    input, offset, mask, params = make_case(batch, 6, 5, 3, 3, 1, 1, 1, 1, 1, 1, 2, 16, 1.0, False, dtype=dtype)
+    mask = logits_like(mask, 3)
+    both = torch.cat([offset, mask, torch.full_like(mask[..., :3], float("nan"))], -1)  # NaN padding: never read
+    offset_view, mask_view = both[..., :offset.shape[-1]], both[..., offset.shape[-1]:offset.shape[-1] + mask.shape[-1]]
+    assert not (offset_view.is_contiguous() or mask_view.is_contiguous())
+    out, grads = run_with_grads(dcnv3, input, offset_view, mask_view, params + (True,))
+    ref, ref_grads = run_with_grads(dcnv3, input, offset, mask, params + (True,))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+    # a size-1 dimension of arbitrary stride (as views report them), and overlapping rows
+    first = offset[:1].clone()
+    odd = first.as_strided(first.shape, (12345,) + first.stride()[1:])
+    torch.testing.assert_close(dcnv3(input[:1], odd, mask[:1], *params), dcnv3(input[:1], first, mask[:1], *params),
+                               rtol=0, atol=0)
+    overlapping = offset.reshape(-1)[: offset.numel()].as_strided(offset.shape, (0, 0, 1, 1))
+    torch.testing.assert_close(dcnv3(input, overlapping, mask, *params),
+                               dcnv3(input, overlapping.contiguous(), mask, *params), rtol=0, atol=0)
+
+
 def test_far_offsets_contribute_nothing():
     rng = random.Random(0)
     for trial in range(30):

@@ -159,3 +159,21 @@ def test_bfloat16_path_plumbing_with_stand_in_kernels(monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             torch.testing.assert_close(linear(layer, x), layer(x), rtol=2e-2, atol=2e-2)
     assert calls[0] == ("reorder", torch.bfloat16)
+
+
+@needs_onednn
+def test_linear_pair_is_one_product_equal_to_two_layers():
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(32, 18), torch.nn.Linear(32, 9, bias=False)
+    x = torch.randn(2, 3, 4, 32)
+    with torch.inference_mode():
+        a, b = packed_linear.linear_pair(first, second, x)
+        assert a.data_ptr() + 18 * a.element_size() == b.data_ptr()  # channel slices of one output
+        torch.testing.assert_close(a, first(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b, second(x), rtol=1e-5, atol=1e-5)
+        second.weight.mul_(-1)  # either layer's update repacks the pair
+        torch.testing.assert_close(packed_linear.linear_pair(first, second, x)[1], second(x), rtol=1e-5, atol=1e-5)
+    a, b = packed_linear.linear_pair(first, second, x)  # autograd on: the two layers themselves
+    assert a.requires_grad and a.is_contiguous() and b.is_contiguous()
+    release_packed_weights(torch.nn.Sequential(first, second))
+    assert not hasattr(first, packed_linear._PAIR_ATTR)

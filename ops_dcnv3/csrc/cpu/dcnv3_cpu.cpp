@@ -126,6 +126,9 @@ struct Params {
   double offset_scale;
   bool remove_center;
   bool softmax;  // the mask holds logits: normalise over the P points of each group first
+  // Elements between the offsets (masks) of consecutive output pixels: group * P * 2
+  // (group * P) when contiguous; larger for the forward's views into a wider tensor.
+  int64_t offset_row = 0, mask_row = 0;
 };
 
 // The sampling weights of one (pixel, group): the mask values, or their softmax over the
@@ -232,8 +235,8 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
     const acc_t base_x = acc_t(wo * p.stride_w - p.pad_w + (p.dilation_w * (p.kernel_w - 1)) / 2);
     const acc_t base_y = acc_t(ho * p.stride_h - p.pad_h + (p.dilation_h * (p.kernel_h - 1)) / 2);
     const scalar_t* image = input + n * geo.height_in * geo.width_in * C;
-    const scalar_t* off = offset + idx * p.group * P * 2;
-    const scalar_t* msk = mask + idx * p.group * P;
+    const scalar_t* off = offset + idx * p.offset_row;
+    const scalar_t* msk = mask + idx * p.mask_row;
     for (int64_t g = 0; g < p.group; ++g) {
       sampling_weights(msk + g * P, P, p.softmax, weights.data());
       acc_t* __restrict a = acc;
@@ -567,8 +570,23 @@ void dispatch_group_channels(int64_t group_channels, const F& f) {
 Params make_params(int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
                    int64_t pad_w, int64_t dilation_h, int64_t dilation_w, int64_t group,
                    int64_t group_channels, double offset_scale, bool remove_center, bool softmax) {
-  return Params{kernel_h,   kernel_w,   stride_h, stride_w,       pad_h,        pad_w,         dilation_h,
-                dilation_w, group,      group_channels, offset_scale, remove_center, softmax};
+  const int64_t points = kernel_h * kernel_w - (remove_center ? 1 : 0);
+  return Params{kernel_h, kernel_w,       stride_h,     stride_w,      pad_h,   pad_w,
+                dilation_h, dilation_w,   group,        group_channels, offset_scale, remove_center,
+                softmax,  group * points * 2, group * points};
+}
+
+// Elements between consecutive pixels of an (N, Ho, Wo, K) tensor whose channels are
+// contiguous and whose pixels are equally spaced (a contiguous tensor, or a slice of the
+// channels of one: the module computes offsets and masks with one matrix product and
+// passes the two slices), else -1.
+int64_t pixel_stride(const at::Tensor& t) {
+  if (t.stride(3) != 1 && t.size(3) > 1) return -1;
+  const int64_t row = t.stride(2);
+  if (row < t.size(3)) return -1;
+  if (t.size(1) > 1 && t.stride(1) != row * t.size(2)) return -1;
+  if (t.size(0) > 1 && t.stride(0) != row * t.size(2) * t.size(1)) return -1;
+  return row;
 }
 
 at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_, const at::Tensor& mask_,
@@ -580,10 +598,17 @@ at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_
                                         pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
                                         remove_center);
   TORCH_CHECK(input_.device().is_cpu(), "dcnv3_forward_cpu: tensors must be on the CPU");
-  const Params p = make_params(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                               dilation_w, group, group_channels, offset_scale, remove_center, softmax);
+  Params p = make_params(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+                         group_channels, offset_scale, remove_center, softmax);
   const Isa isa = current_isa();
-  const at::Tensor input = input_.contiguous(), offset = offset_.contiguous(), mask = mask_.contiguous();
+  // Offsets and masks may be channel slices of wider tensors (see pixel_stride): read in
+  // place. Anything else is made contiguous (pixels then group * P * 2 / group * P apart).
+  const int64_t offset_row = pixel_stride(offset_), mask_row = pixel_stride(mask_);
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor offset = offset_row > 0 ? offset_ : offset_.contiguous();
+  const at::Tensor mask = mask_row > 0 ? mask_ : mask_.contiguous();
+  if (offset_row > 0) p.offset_row = offset_row;
+  if (mask_row > 0) p.mask_row = mask_row;
   at::Tensor output = at::empty({geo.batch, geo.height_out, geo.width_out, geo.channels}, input.options());
   const int64_t pixels = geo.batch * geo.height_out * geo.width_out;
   if (pixels == 0 || geo.channels == 0) return output;
