@@ -21,12 +21,10 @@ oneDNN and PyTorch emulate it and every model is several times slower than in fl
 """
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
-from internimage.utils.benchmark import cpu_description, peak_rss_growth
+from internimage.utils.benchmark import cpu_description, median_seconds_round_robin, peak_rss_growth
 
 MODELS = ("internimage_t", "internimage_t_reference", "convnext_tiny", "swin_tiny")
 # (name, batch, H, W, mode); mode: inference | train | backbone | bf16 (autocast inference)
@@ -121,21 +119,6 @@ def environment():
 
     return {"cpu": cpu_description(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "dcnv3_cpu_isa": ops_dcnv3.cpu_isa(), "onednn_native_bf16": packed_linear.BF16_AVAILABLE}
-
-
-def median_seconds_round_robin(steps, repeats, warmup=2):
-    """Median seconds of each step after ``warmup`` calls, timed round-robin (one call of
-    each step in turn, ``repeats`` rounds) so that a slow phase of the machine hits all of them."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def memory_step(name, case_index):

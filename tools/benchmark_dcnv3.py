@@ -34,7 +34,7 @@ import time
 import torch
 
 import ops_dcnv3
-from internimage.utils.benchmark import peak_rss_growth
+from internimage.utils.benchmark import median_seconds_round_robin, peak_rss_growth
 
 STAGES = [  # (name, H=W, channels, groups)
     ("stage1 56x56x64 G4", 56, 64, 4),
@@ -287,24 +287,11 @@ def dtype_isa_rows(isas, batch, repeats):
                             ops_dcnv3.set_cpu_isa(isa)
                             run_once(lambda *a: ops_dcnv3.dcnv3(*a, softmax=True), mode, leaves, params)
                         steps[(isa, dtype_name, mode)] = step
-            for (isa, dtype_name, mode), seconds in median_round_robin(steps, repeats).items():
+            for (isa, dtype_name, mode), seconds in median_seconds_round_robin(steps, repeats).items():
                 rows.append({"shape": name, "isa": isa, "dtype": dtype_name, "mode": mode, "ms": seconds * 1e3})
     finally:
         ops_dcnv3.set_cpu_isa(previous)
     return rows
-
-
-def median_round_robin(steps, repeats, warmup=2):
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times = {key: [] for key in steps}
-    for _ in range(repeats):
-        for key, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[key].append(time.perf_counter() - start)
-    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def dtypes_main(args):

@@ -1,11 +1,14 @@
-"""What the benchmark scripts share: peak memory of one step, measured in a fresh process.
+"""What the benchmark scripts share: round-robin timing, the CPU description, and the peak
+memory of one step, measured in a fresh process.
 
 The step is built by a factory function of a script or module file, so the measured
 process holds only what that step needs (no other model, no earlier peak).
 """
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 _PROBE = """
 import importlib.util
@@ -62,3 +65,18 @@ def cpu_description() -> str:
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     flags = set(fields.get("flags", "").split())
     return f"{fields.get('model name', platform.machine())} [{' '.join(f for f in ISA_FLAGS if f in flags)}]"
+
+
+def median_seconds_round_robin(steps, repeats, warmup=2):
+    """Median seconds of each step after ``warmup`` calls, timed round-robin (one call of
+    each step in turn, ``repeats`` rounds) so that a slow phase of the machine hits all of them."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
