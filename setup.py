@@ -81,6 +81,7 @@ setup(
     extras_require={
         "deploy": ["onnx>=1.23", "onnxruntime>=1.31", "onnxscript>=0.7"],
         "openvino": ["openvino>=2026.4"],
+        "deepspeed": ["deepspeed>=0.19,<0.20"],  # tools/train.py --strategy deepspeed-zero1|deepspeed-zero3
     },
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -2,7 +2,7 @@
 mmpretrain 1.x, picked by its scope).
 
     python tools/train.py CONFIG [--work-dir D] [--resume [CKPT]] [--amp] [--cfg-options k=v ...]
-                                 [--launcher none|pytorch|slurm] [--strategy fsdp|deepspeed-zero1|deepspeed-zero3]
+                                 [--launcher none|pytorch|slurm] [--strategy fsdp|deepspeed-zero1|deepspeed-zero3|ddp]
 """
 import argparse
 import os
@@ -40,8 +40,9 @@ def parse_args(argv=None):
     parser.add_argument("--auto-scale-lr", action="store_true", help="scale the lr by the total batch size")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config keys, k=v")
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
-    parser.add_argument("--strategy", choices=STRATEGIES,
-                        help="sharded training with mmengine's FlexibleRunner (FSDP or DeepSpeed ZeRO)")
+    parser.add_argument("--strategy", choices=STRATEGIES + ("ddp",),
+                        help="sharded training with mmengine's FlexibleRunner (FSDP or DeepSpeed ZeRO), or ddp: "
+                             "the plain Runner; default: the config's strategy, if it states one")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
     args = parser.parse_args(argv)
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -80,10 +81,11 @@ def main(argv=None):
     load_released_classifier_checkpoints(runner)  # classifiers: official files as load_from
     # A load_from or resume file that matches no weight of the model is the wrong file.
     require_matching_checkpoint(runner, min_fraction=0.0)
-    try:
-        runner.train()
-    finally:
-        teardown_distributed()
+    # On an error the process group is left alone: the teardown's barrier would wait for
+    # ranks that are inside another collective (a failure on one rank became a hang of
+    # all); the traceback is printed and the launcher stops the other ranks.
+    runner.train()
+    teardown_distributed()
 
 
 if __name__ == "__main__":
