@@ -28,7 +28,7 @@ def _deepspeed_cpu_without_gpu():
 
 _deepspeed_cpu_without_gpu()
 
-from .checkpoint import load_backbone_weights  # noqa: E402, load_classifier_weights, to_state_dict
+from .checkpoint import load_backbone_weights, load_classifier_weights, to_state_dict  # noqa: E402
 from .checkpoint.hub import from_pretrained  # noqa: E402
 from .models import VARIANTS, InternImage, InternImageClassifier, build_model  # noqa: E402
 from .models.variants import scaled_variant  # noqa: E402
