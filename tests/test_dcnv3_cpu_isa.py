@@ -14,6 +14,7 @@ import ops_dcnv3
 from ops_dcnv3 import dcnv3, dcnv3_reference
 
 sys.path.insert(0, os.path.dirname(__file__))
+from test_dcnv3_cuda import softmax_probe  # noqa: E402
 from test_dcnv3_op import MODEL_CONFIGS, logits_like, make_case, random_configs, rel_err, run_with_grads  # noqa: E402
 
 ISAS = ["baseline", "avx2", "avx512"]
@@ -161,3 +162,53 @@ def test_non_finite_offsets_and_masks_in_bfloat16(isa):
         assert torch.equal(torch.isinf(out[0, 1, 1]), torch.isinf(expected[0, 1, 1]))
         finite = torch.isfinite(expected)
         assert rel_err(out.double()[finite], expected[finite]) < 1e-2
+
+
+def test_float32_softmax_exps_over_their_whole_range(isa):
+    """The kernels' float32 exp (a polynomial, vectorised) against float64 for logit - max
+    from 0 down to -110: within 1e-6 relative, and below -87.3, where it gives 0 instead of
+    a subnormal, within 1.2e-38 absolute. The probe reads one softmax weight per element."""
+    (input, offset, logits), params, _ = softmax_probe()
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.rand(logits.shape, generator=gen) * -110
+    logits[..., ::9] = 0  # each group's maximum: the other points' logits are logit - max
+    out = dcnv3(input, offset, logits, *params).double()
+    point = 3 * ((2 - torch.arange(out.shape[2])) % 3)[None, :] + ((2 - torch.arange(out.shape[1])) % 3)[:, None]
+    weights = logits.double().reshape(*logits.shape[:3], -1, 9).softmax(-1)
+    expected = weights.gather(-1, point[None, :, :, None, None].expand(*weights.shape[:4], 1))
+    expected = expected.squeeze(-1).repeat_interleave(out.shape[-1] // weights.shape[3], -1)
+    normal = expected > 1.2e-38
+    assert normal.float().mean() > 0.5 and (~normal).any()
+    assert ((out - expected).abs() / expected)[normal].max() < 1e-6
+    assert (out - expected).abs()[~normal].max() <= 1.2e-38
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("softmax", [False, True], ids=["mask", "softmax"])
+def test_the_two_forward_paths_agree(isa, dtype, softmax):
+    """The forward works out the sampling points of a pixel in vectorised loops, and a pixel
+    with a non-finite location or weight point by point (forward_pixel_exact). A NaN offset
+    in group 0 (and, without softmax, an infinite mask weight in group 1) sends one pixel
+    down the second path: every other pixel keeps its bits, and the pixel's finite groups
+    their values up to the rounding of the multiply-adds (the compiler may fuse a * b + c * d
+    either way round in the two loops)."""
+    input, offset, mask, params = make_case(2, 7, 8, 3, 3, 1, 1, 1, 1, 1, 1, 3, 16, 1.0, False,
+                                            dtype=torch.float32, offset_range=3.0, seed=11)
+    if softmax:
+        mask = logits_like(mask, 11)
+    tensors = [t.to(dtype) for t in (input, offset, mask)]
+    before = dcnv3(*tensors, *params, softmax)
+    offset, mask = tensors[1].clone(), tensors[2].clone()
+    offset[1, 3, 4, 5] = float("nan")
+    if not softmax:
+        mask[1, 3, 4, 9 + 2] = float("inf")
+    after = dcnv3(tensors[0], offset, mask, *params, softmax)
+    assert torch.isnan(after[1, 3, 4, :16]).all()
+    changed = torch.zeros(after.shape[:3], dtype=torch.bool)
+    changed[1, 3, 4] = True
+    assert torch.equal(after[~changed], before[~changed])
+    finite = slice(16, None) if softmax else slice(32, None)
+    tol = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 2**-8}[dtype]
+    torch.testing.assert_close(after[1, 3, 4, finite], before[1, 3, 4, finite], rtol=tol, atol=tol)
+    if not softmax:
+        assert torch.isinf(after[1, 3, 4, 16:32]).any()

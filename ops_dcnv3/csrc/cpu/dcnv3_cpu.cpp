@@ -131,6 +131,31 @@ struct Params {
   int64_t offset_row = 0, mask_row = 0;
 };
 
+// exp(z) of the softmax, whose arguments are logits minus their maximum (z <= 0, NaN, or
+// -Inf). float64: std::exp. float32: 2^n * e^r with n = round(z / ln 2) and a degree-7
+// polynomial for e^r (Cephes' expf coefficients), within 2 ulp of std::exp; branch-free, so
+// the compiler vectorises loops of it (libm's expf is a call per value). Below -87.3 the
+// result would be subnormal and is 0 (std::exp gives at most 1.2e-38 there): after the
+// division by the sum, which is at least 1, no weight differs by more than that.
+DCNV3_INLINE double softmax_exp(double z) { return std::exp(z); }
+DCNV3_INLINE float softmax_exp(float z) {
+  const float n = std::floor(z * 1.44269504088896341f + 0.5f);
+  float r = z - n * 0.693359375f;  // ln 2 in two parts (Cody-Waite): exact product
+  r = r - n * -2.12194440e-4f;
+  float e = 1.9875691500e-4f;
+  e = e * r + 1.3981999507e-3f;
+  e = e * r + 8.3334519073e-3f;
+  e = e * r + 4.1665795894e-2f;
+  e = e * r + 1.6666665459e-1f;
+  e = e * r + 5.0000001201e-1f;
+  e = e * r * r + r + 1.0f;
+  // 2^n for n in [-126, 0]; n is clamped into that range (NaN to -126: std::max returns its
+  // first argument then), and the select gives 0 below -87.3, NaN for a NaN z (e is NaN).
+  const int32_t exponent = static_cast<int32_t>(std::min(0.0f, std::max(-126.0f, n))) + 127;
+  const float result = e * bits_to_float(static_cast<uint32_t>(exponent) << 23);
+  return z < -87.3f ? 0.0f : result;
+}
+
 // The sampling weights of one (pixel, group): the mask values, or their softmax over the
 // P points when p.softmax (max subtracted first, as torch.softmax does).
 template <typename scalar_t, typename acc_t>
@@ -143,7 +168,7 @@ inline void sampling_weights(const scalar_t* mask, int64_t points, bool softmax,
   for (int64_t k = 1; k < points; ++k) largest = std::max(largest, widen(mask[k]));
   acc_t total = 0;
   for (int64_t k = 0; k < points; ++k) {
-    weights[k] = std::exp(widen(mask[k]) - largest);
+    weights[k] = softmax_exp(widen(mask[k]) - largest);
     total += weights[k];
   }
   for (int64_t k = 0; k < points; ++k) weights[k] /= total;
@@ -204,6 +229,141 @@ inline bool locate(acc_t x, acc_t y, int64_t height, int64_t width, Corners<acc_
   return true;
 }
 
+// The sampling points of one output pixel, all groups (index j = g * P + k), worked out in
+// loops over j that the compiler vectorises (the per-point arithmetic otherwise costs more
+// than the multiply-adds over a group's 16 or 32 channels): the mask weight m folded into
+// the four bilinear corner weights, each corner's pixel index (y * W + x, -1 outside the
+// image) and whether the location lies in the box (-1, W) x (-1, H) at all. The values are
+// those forward_pixel_exact computes, operation for operation.
+template <typename acc_t>
+struct PixelPlan {
+  std::vector<acc_t> grid_x, grid_y;  // the kernel grid, repeated for each group
+  std::vector<acc_t> m, total, w0, w1, w2, w3;
+  std::vector<int32_t> i0, i1, i2, i3, inside;
+  PixelPlan(const KernelGrid<acc_t>& grid, int64_t group) {
+    for (int64_t g = 0; g < group; ++g) {
+      grid_x.insert(grid_x.end(), grid.dx.begin(), grid.dx.end());
+      grid_y.insert(grid_y.end(), grid.dy.begin(), grid.dy.end());
+    }
+    for (auto* v : {&m, &total, &w0, &w1, &w2, &w3}) v->resize(grid_x.size());
+    for (auto* v : {&i0, &i1, &i2, &i3, &inside}) v->resize(grid_x.size());
+  }
+};
+
+// Fills `plan` for the pixel whose offsets and mask values start at off and msk. Returns
+// false when a location or a sampling weight is not finite (the pixel then takes
+// forward_pixel_exact). Needs height_in * width_in < 2^31 (int32 pixel indices).
+template <typename scalar_t, typename acc_t>
+DCNV3_INLINE bool plan_pixel(const scalar_t* __restrict off, const scalar_t* __restrict msk, acc_t base_x,
+                             acc_t base_y, const Geometry& geo, const Params& p, PixelPlan<acc_t>& plan) {
+  const int64_t P = geo.points, n = p.group * P;
+  acc_t* __restrict m = plan.m.data();
+  if (p.softmax) {  // sampling_weights for every group at once, the exps in one loop
+    acc_t* __restrict total = plan.total.data();
+    for (int64_t g = 0; g < p.group; ++g) {
+      acc_t largest = widen(msk[g * P]);
+      for (int64_t k = 1; k < P; ++k) largest = std::max(largest, widen(msk[g * P + k]));
+      for (int64_t k = 0; k < P; ++k) m[g * P + k] = widen(msk[g * P + k]) - largest;
+    }
+    for (int64_t j = 0; j < n; ++j) m[j] = softmax_exp(m[j]);
+    for (int64_t g = 0; g < p.group; ++g) {
+      acc_t sum = 0;
+      for (int64_t k = 0; k < P; ++k) sum += m[g * P + k];
+      for (int64_t k = 0; k < P; ++k) total[g * P + k] = sum;
+    }
+    for (int64_t j = 0; j < n; ++j) m[j] /= total[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) m[j] = widen(msk[j]);
+  }
+  const acc_t* __restrict gx = plan.grid_x.data();
+  const acc_t* __restrict gy = plan.grid_y.data();
+  acc_t *__restrict w0 = plan.w0.data(), *__restrict w1 = plan.w1.data(), *__restrict w2 = plan.w2.data(),
+         *__restrict w3 = plan.w3.data();
+  int32_t *__restrict i0 = plan.i0.data(), *__restrict i1 = plan.i1.data(), *__restrict i2 = plan.i2.data(),
+          *__restrict i3 = plan.i3.data(), *__restrict inside = plan.inside.data();
+  const acc_t scale = acc_t(p.offset_scale), width_f = acc_t(geo.width_in), height_f = acc_t(geo.height_in);
+  const int32_t width = static_cast<int32_t>(geo.width_in), height = static_cast<int32_t>(geo.height_in);
+  int32_t bad = 0;
+  // (simd: after inlining, GCC 12 no longer trusts the restrict pointers and gives up on
+  // runtime alias checks for this many arrays.)
+#pragma omp simd reduction(| : bad)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t x = base_x + (gx[j] + widen(off[2 * j])) * scale;
+    const acc_t y = base_y + (gy[j] + widen(off[2 * j + 1])) * scale;
+    const acc_t mj = m[j];
+    // x - x is 0 exactly when x is finite.
+    bad |= int32_t(!(x - x == acc_t(0))) | int32_t(!(y - y == acc_t(0))) | int32_t(!(mj - mj == acc_t(0)));
+    const int32_t in = int32_t(x > acc_t(-1)) & int32_t(y > acc_t(-1)) & int32_t(x < width_f) &
+                       int32_t(y < height_f);
+    // Clamped (NaN to -1) so that the conversions below are defined; points outside the box
+    // are skipped by `inside`. (A select on `in` here kept GCC 12 from vectorising the loop.)
+    const acc_t xs = std::min(width_f, std::max(acc_t(-1), x)), ys = std::min(height_f, std::max(acc_t(-1), y));
+    const acc_t xf = std::floor(xs), yf = std::floor(ys);
+    const int32_t x0 = static_cast<int32_t>(xf), y0 = static_cast<int32_t>(yf);
+    const acc_t lx = xs - xf, ly = ys - yf, hx = acc_t(1) - lx, hy = acc_t(1) - ly;
+    const int32_t top = int32_t(y0 >= 0), bottom = int32_t(y0 + 1 < height);
+    const int32_t left = int32_t(x0 >= 0), right = int32_t(x0 + 1 < width);
+    w0[j] = mj * (top & left ? hy * hx : acc_t(0));
+    w1[j] = mj * (top & right ? hy * lx : acc_t(0));
+    w2[j] = mj * (bottom & left ? ly * hx : acc_t(0));
+    w3[j] = mj * (bottom & right ? ly * lx : acc_t(0));
+    i0[j] = top & left ? y0 * width + x0 : -1;
+    i1[j] = top & right ? y0 * width + x0 + 1 : -1;
+    i2[j] = bottom & left ? (y0 + 1) * width + x0 : -1;
+    i3[j] = bottom & right ? (y0 + 1) * width + x0 + 1 : -1;
+    inside[j] = in;
+  }
+  return bad == 0;
+}
+
+// The forward of one output pixel, all groups, point by point, for pixels with a location
+// or a sampling weight that is not finite (see the top of the file): a location that is not
+// finite makes its group's channels NaN; a non-finite m multiplies the bilinear value,
+// m * sum_q(w_q v_q), as the reference and the CUDA kernels compute it (folded into the
+// weights, an infinite m times a corner of weight 0 would give NaN where they give +-Inf).
+template <typename scalar_t, typename acc_t>
+void forward_pixel_exact(const scalar_t* image, const scalar_t* off, const scalar_t* msk, scalar_t* out,
+                         acc_t base_x, acc_t base_y, const KernelGrid<acc_t>& grid, const Geometry& geo,
+                         const Params& p, acc_t* a, acc_t* weights, const scalar_t* zeros) {
+  const int64_t P = geo.points, Cg = p.group_channels, C = geo.channels;
+  const acc_t scale = acc_t(p.offset_scale);
+  for (int64_t g = 0; g < p.group; ++g) {
+    sampling_weights(msk + g * P, P, p.softmax, weights);
+    for (int64_t ch = 0; ch < Cg; ++ch) a[ch] = acc_t(0);
+    for (int64_t k = 0; k < P; ++k) {
+      const acc_t x = base_x + (grid.dx[k] + widen(off[(g * P + k) * 2])) * scale;
+      const acc_t y = base_y + (grid.dy[k] + widen(off[(g * P + k) * 2 + 1])) * scale;
+      Corners<acc_t> c;
+      if (!locate(x, y, geo.height_in, geo.width_in, c)) {
+        if (!finite(x, y)) {
+          for (int64_t ch = 0; ch < Cg; ++ch) a[ch] = std::numeric_limits<acc_t>::quiet_NaN();
+        }
+        continue;
+      }
+      const acc_t m = weights[k];
+      const scalar_t* v[4];
+      acc_t w[4];
+      for (int corner = 0; corner < 4; ++corner) {
+        const bool inside = c.pixel[corner] >= 0;
+        v[corner] = inside ? image + c.pixel[corner] * C + g * Cg : zeros;
+        w[corner] = inside ? c.weight[corner] : acc_t(0);
+      }
+      if (std::isfinite(m)) {
+        const acc_t w0 = m * w[0], w1 = m * w[1], w2 = m * w[2], w3 = m * w[3];
+        for (int64_t ch = 0; ch < Cg; ++ch) {
+          a[ch] += w0 * widen(v[0][ch]) + w1 * widen(v[1][ch]) + w2 * widen(v[2][ch]) + w3 * widen(v[3][ch]);
+        }
+      } else {
+        for (int64_t ch = 0; ch < Cg; ++ch) {
+          a[ch] += m * (w[0] * widen(v[0][ch]) + w[1] * widen(v[1][ch]) + w[2] * widen(v[2][ch]) +
+                        w[3] * widen(v[3][ch]));
+        }
+      }
+    }
+    for (int64_t ch = 0; ch < Cg; ++ch) out[g * Cg + ch] = narrow<scalar_t>(a[ch]);
+  }
+}
+
 // Forward for output pixels [begin, end) of the flattened (N, Ho, Wo) range.
 // CG > 0 fixes the channels per group at compile time (the loops over channels then
 // unroll and the accumulator stays in registers); CG == 0 handles any count.
@@ -213,9 +373,11 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
                                  const Geometry& geo, const Params& p, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const KernelGrid<acc_t> grid(p);
+  PixelPlan<acc_t> plan(grid, p.group);
   const int64_t P = geo.points, Cg = CG > 0 ? CG : p.group_channels, C = geo.channels;
   const int64_t hw_out = geo.height_out * geo.width_out;
-  const acc_t scale = acc_t(p.offset_scale);
+  // int32 pixel indices in the plan: larger images go point by point.
+  const bool plannable = geo.height_in * geo.width_in < (int64_t(1) << 31);
   acc_t acc_fixed[CG > 0 ? CG : 1];
   std::vector<acc_t> acc_any(CG > 0 ? 0 : Cg);
   acc_t* const acc = CG > 0 ? acc_fixed : acc_any.data();
@@ -224,12 +386,10 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
   // bfloat16 with an even channel count: the channels are read in pairs as 32-bit words;
   // the even channel is the word shifted left by 16, the odd one the word with its low
   // half cleared, so one vector load feeds two float32 vectors without unpacking. `a`
-  // then holds the even channels first and the odd ones after (slot()); the store
-  // interleaves them again.
+  // then holds the even channels first and the odd ones after; the store interleaves them.
   constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
   const bool pairs = kBf16 && Cg % 2 == 0;
   const int64_t half = Cg / 2;
-  const auto slot = [&](int64_t ch) { return pairs ? (ch & 1) * half + ch / 2 : ch; };
   for (int64_t idx = begin; idx < end; ++idx) {
     const int64_t n = idx / hw_out, ho = (idx % hw_out) / geo.width_out, wo = idx % geo.width_out;
     const acc_t base_x = acc_t(wo * p.stride_w - p.pad_w + (p.dilation_w * (p.kernel_w - 1)) / 2);
@@ -237,56 +397,38 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
     const scalar_t* image = input + n * geo.height_in * geo.width_in * C;
     const scalar_t* off = offset + idx * p.offset_row;
     const scalar_t* msk = mask + idx * p.mask_row;
+    if (!plannable || !plan_pixel(off, msk, base_x, base_y, geo, p, plan)) {
+      forward_pixel_exact(image, off, msk, output + idx * C, base_x, base_y, grid, geo, p, acc, weights.data(),
+                          zeros.data());
+      continue;
+    }
     for (int64_t g = 0; g < p.group; ++g) {
-      sampling_weights(msk + g * P, P, p.softmax, weights.data());
       acc_t* __restrict a = acc;
       for (int64_t ch = 0; ch < Cg; ++ch) a[ch] = acc_t(0);
-      for (int64_t k = 0; k < P; ++k) {
-        const acc_t x = base_x + (grid.dx[k] + widen(off[(g * P + k) * 2])) * scale;
-        const acc_t y = base_y + (grid.dy[k] + widen(off[(g * P + k) * 2 + 1])) * scale;
-        Corners<acc_t> c;
-        if (!locate(x, y, geo.height_in, geo.width_in, c)) {
-          if (!finite(x, y)) {
-            for (int64_t ch = 0; ch < Cg; ++ch) a[ch] = std::numeric_limits<acc_t>::quiet_NaN();
-          }
-          continue;
-        }
-        const acc_t m = weights[k];
-        const scalar_t* v[4];
-        acc_t w[4];
-        for (int corner = 0; corner < 4; ++corner) {
-          const bool inside = c.pixel[corner] >= 0;
-          v[corner] = inside ? image + c.pixel[corner] * C + g * Cg : zeros.data();
-          w[corner] = inside ? c.weight[corner] : acc_t(0);
-        }
-        const scalar_t *__restrict v0 = v[0], *__restrict v1 = v[1], *__restrict v2 = v[2],
-                                   *__restrict v3 = v[3];
-        if (std::isfinite(m)) {  // m folded into the corner weights: 4 multiply-adds a channel
-          const acc_t w0 = m * w[0], w1 = m * w[1], w2 = m * w[2], w3 = m * w[3];
-          if constexpr (kBf16) {
-            if (pairs) {
-              for (int64_t i = 0; i < half; ++i) {
-                const uint32_t u0 = channel_pair(v0, i), u1 = channel_pair(v1, i), u2 = channel_pair(v2, i),
-                               u3 = channel_pair(v3, i);
-                a[i] += w0 * bits_to_float(u0 << 16) + w1 * bits_to_float(u1 << 16) +
-                        w2 * bits_to_float(u2 << 16) + w3 * bits_to_float(u3 << 16);
-                a[half + i] += w0 * bits_to_float(u0 & 0xffff0000u) + w1 * bits_to_float(u1 & 0xffff0000u) +
-                               w2 * bits_to_float(u2 & 0xffff0000u) + w3 * bits_to_float(u3 & 0xffff0000u);
-              }
-              continue;
+      const scalar_t* group_image = image + g * Cg;
+      for (int64_t j = g * P; j < (g + 1) * P; ++j) {
+        if (!plan.inside[j]) continue;
+        const int32_t c0 = plan.i0[j], c1 = plan.i1[j], c2 = plan.i2[j], c3 = plan.i3[j];
+        const scalar_t *__restrict v0 = c0 >= 0 ? group_image + c0 * C : zeros.data(),
+                                   *__restrict v1 = c1 >= 0 ? group_image + c1 * C : zeros.data(),
+                                   *__restrict v2 = c2 >= 0 ? group_image + c2 * C : zeros.data(),
+                                   *__restrict v3 = c3 >= 0 ? group_image + c3 * C : zeros.data();
+        const acc_t w0 = plan.w0[j], w1 = plan.w1[j], w2 = plan.w2[j], w3 = plan.w3[j];
+        if constexpr (kBf16) {
+          if (pairs) {
+            for (int64_t i = 0; i < half; ++i) {
+              const uint32_t u0 = channel_pair(v0, i), u1 = channel_pair(v1, i), u2 = channel_pair(v2, i),
+                             u3 = channel_pair(v3, i);
+              a[i] += w0 * bits_to_float(u0 << 16) + w1 * bits_to_float(u1 << 16) +
+                      w2 * bits_to_float(u2 << 16) + w3 * bits_to_float(u3 << 16);
+              a[half + i] += w0 * bits_to_float(u0 & 0xffff0000u) + w1 * bits_to_float(u1 & 0xffff0000u) +
+                             w2 * bits_to_float(u2 & 0xffff0000u) + w3 * bits_to_float(u3 & 0xffff0000u);
             }
+            continue;
           }
-          for (int64_t ch = 0; ch < Cg; ++ch) {
-            a[ch] += w0 * widen(v0[ch]) + w1 * widen(v1[ch]) + w2 * widen(v2[ch]) + w3 * widen(v3[ch]);
-          }
-        } else {
-          // m * (bilinear value), as the reference and the CUDA kernels compute it: folded
-          // into the weights, an infinite m times a corner of weight 0 would give NaN where
-          // they give +-Inf.
-          for (int64_t ch = 0; ch < Cg; ++ch) {
-            a[slot(ch)] += m * (w[0] * widen(v0[ch]) + w[1] * widen(v1[ch]) + w[2] * widen(v2[ch]) +
-                                w[3] * widen(v3[ch]));
-          }
+        }
+        for (int64_t ch = 0; ch < Cg; ++ch) {
+          a[ch] += w0 * widen(v0[ch]) + w1 * widen(v1[ch]) + w2 * widen(v2[ch]) + w3 * widen(v3[ch]);
         }
       }
       scalar_t* out = output + idx * C + g * Cg;
