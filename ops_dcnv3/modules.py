@@ -8,7 +8,9 @@ from torch import nn
 from torch.nn.init import constant_, xavier_uniform_
 
 from .functions import dcnv3, dcnv3_reference
-from .packed_linear import linear, linear_pair
+from .packed_linear import conv_sequential, linear, linear_pair, packed_conv2d, packed_linear, packed_linear_pair
+
+_DCNV3_FORWARD = torch.ops.ops_dcnv3.dcnv3_forward.default
 
 __all__ = ["DCNv3", "DCNv3_pytorch", "build_norm_layer", "build_act_layer", "to_channels_first", "to_channels_last"]
 
@@ -136,19 +138,45 @@ class DCNv3(nn.Module):
     def forward(self, input):
         """input: (N, H, W, C) -> (N, Ho, Wo, C)."""
         x_proj = linear(self.input_proj, input)
-        features = self.dw_conv(input.permute(0, 3, 1, 2))  # channels-last out
+        features = conv_sequential(self.dw_conv, input.permute(0, 3, 1, 2))  # channels-last out
         # One matrix product for both on the packed inference path (the op reads the slices);
         # softmax over the points of each group: inside the op.
         offset, mask_logits = linear_pair(self.offset, self.mask, features)
         x = self.core_op(x_proj, offset, mask_logits, self.kernel_size, self.kernel_size, self.stride, self.stride,
                          self.pad, self.pad, self.dilation, self.dilation, self.group, self.group_channels,
                          self.offset_scale, self.remove_center, softmax=True)
-        if self.center_feature_scale:
-            scale = F.linear(features, self.center_feature_scale_proj_weight,
-                             self.center_feature_scale_proj_bias).sigmoid()
-            scale = scale.repeat_interleave(self.group_channels, dim=-1)  # (N, H, W, G) -> (N, H, W, C)
-            x = x * (1 - scale) + x_proj * scale
-        return linear(self.output_proj, x)
+        return linear(self.output_proj, self._blend(x, x_proj, features))
+
+    def _blend(self, x, x_proj, features):
+        if not self.center_feature_scale:
+            return x
+        scale = F.linear(features, self.center_feature_scale_proj_weight, self.center_feature_scale_proj_bias).sigmoid()
+        scale = scale.repeat_interleave(self.group_channels, dim=-1)  # (N, H, W, G) -> (N, H, W, C)
+        return x * (1 - scale) + x_proj * scale
+
+    def inference_ready(self) -> bool:
+        """Whether :meth:`inference_forward` covers this module: the compiled core op, and a
+        depthwise branch of convolution, LayerNorm and GELU (the defaults)."""
+        dw = self.dw_conv
+        return (self.core_op is dcnv3 and type(dw) is nn.Sequential and len(dw) == 3 and type(dw[0]) is nn.Conv2d
+                and type(dw[1]) is nn.Sequential and len(dw[1]) == 2 and type(dw[1][0]) is to_channels_last
+                and type(dw[1][1]) is nn.LayerNorm and type(dw[2]) is nn.GELU)
+
+    def inference_forward(self, input, dtype):
+        """:meth:`forward` on the packed inference path, for a caller that has checked that it
+        applies (``packed_linear.inference_dtype`` and :meth:`inference_ready`): the same
+        operations, without module calls or per-layer checks (at batch size 1 those made up
+        a tenth of InternImage-T's time on a 2-core CPU)."""
+        x_proj = packed_linear(self.input_proj, input, dtype)
+        conv, (_, norm), act = self.dw_conv
+        features = packed_conv2d(conv, input.permute(0, 3, 1, 2), dtype).permute(0, 2, 3, 1)
+        features = F.gelu(F.layer_norm(features, norm.normalized_shape, norm.weight, norm.bias, norm.eps),
+                          approximate=act.approximate)
+        offset, mask_logits = packed_linear_pair(self.offset, self.mask, features, dtype)
+        x = _DCNV3_FORWARD(x_proj, offset, mask_logits, self.kernel_size, self.kernel_size, self.stride, self.stride,
+                           self.pad, self.pad, self.dilation, self.dilation, self.group, self.group_channels,
+                           float(self.offset_scale), self.remove_center, True)
+        return packed_linear(self.output_proj, self._blend(x, x_proj, features), dtype)
 
 
 class DCNv3_pytorch(DCNv3):

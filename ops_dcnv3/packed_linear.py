@@ -29,16 +29,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_py
 
 _CACHE_ATTR = "_packed_weight"
 _PAIR_ATTR = "_packed_pair"
 
 
-def _ops_available() -> bool:
+def _ops_available(*names) -> bool:
     try:
-        return (torch.backends.mkldnn.is_available()
-                and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+        return torch.backends.mkldnn.is_available() and all(hasattr(torch.ops.mkldnn, name) for name in names)
     except (AttributeError, RuntimeError):
         return False
 
@@ -50,7 +49,8 @@ def _bf16_available() -> bool:
         return False
 
 
-AVAILABLE = _ops_available()
+AVAILABLE = _ops_available("_linear_pointwise", "_reorder_linear_weight")
+CONV_AVAILABLE = _ops_available("_convolution_pointwise", "_reorder_convolution_weight")
 BF16_AVAILABLE = _bf16_available()  # native bfloat16 oneDNN kernels on this CPU
 
 
@@ -58,9 +58,9 @@ def enabled() -> bool:
     return AVAILABLE and os.environ.get("INTERNIMAGE_PACKED_LINEAR", "1") != "0"
 
 
-def _compute_dtype(layer: nn.Linear, x: torch.Tensor) -> Optional[torch.dtype]:
+def _compute_dtype(layer: nn.Module, x: torch.Tensor, contiguous: bool = True) -> Optional[torch.dtype]:
     """The dtype the packed path computes ``layer(x)`` in, or None where it does not apply."""
-    if (torch.is_grad_enabled() or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0
+    if (torch.is_grad_enabled() or x.device.type != "cpu" or (contiguous and not x.is_contiguous()) or x.numel() == 0
             or torch.jit.is_tracing() or torch.compiler.is_compiling()
             or layer._forward_hooks or layer._forward_pre_hooks or not enabled()):
         return None
@@ -82,17 +82,21 @@ def _reorder_weight(weight):
 
 
 def _linear_pointwise(*args):
-    return torch.ops.mkldnn._linear_pointwise(*args)
+    return _LINEAR_OP(*args)
+
+
+_LINEAR_OP = torch.ops.mkldnn._linear_pointwise.default if AVAILABLE else None
+_CONV_OP = torch.ops.mkldnn._convolution_pointwise.default if CONV_AVAILABLE else None
 
 
 def _usable(layer: nn.Linear, x: torch.Tensor) -> bool:
     return _compute_dtype(layer, x) is not None
 
 
-def _packed(layer: nn.Linear, dtype: torch.dtype):
+def _packed(layer: nn.Module, dtype: torch.dtype, reorder=None):
     """(weight in oneDNN's layout, bias) in ``dtype``, cached per dtype until the parameters change."""
     weight, bias = layer.weight, layer.bias
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape),
+    key = (weight.data_ptr(), weight._version, weight.shape,
            None if bias is None else (bias.data_ptr(), bias._version))
     caches = getattr(layer, _CACHE_ATTR, None)
     if caches is None:
@@ -100,29 +104,14 @@ def _packed(layer: nn.Linear, dtype: torch.dtype):
         object.__setattr__(layer, _CACHE_ATTR, caches)  # not a parameter or buffer: no state_dict entry
     cached = caches.get(dtype)
     if cached is None or cached[0] != key:
-        packed_weight = _reorder_weight(weight.detach().to(dtype))
+        packed_weight = (reorder or _reorder_weight)(weight.detach().to(dtype))
         cached = caches[dtype] = (key, packed_weight, None if bias is None else bias.detach().to(dtype))
     return cached[1], cached[2]
 
 
-def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
-    """``layer(x)``, or ``F.gelu(layer(x))`` with ``gelu=True`` (exact erf GELU)."""
-    dtype = _compute_dtype(layer, x)
-    if dtype is not None:
-        weight, bias = _packed(layer, dtype)
-        return _linear_pointwise(x.to(dtype), weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
-    out = layer(x)
-    return F.gelu(out) if gelu else out
-
-
-def linear_pair(first: nn.Linear, second: nn.Linear, x: torch.Tensor):
-    """``(first(x), second(x))`` for two layers with the same input, as one matrix product on
-    the packed path (their weights stacked, cached on ``first``): the results are channel
-    slices of one tensor, which the DCNv3 CPU kernels read in place. Elsewhere two calls."""
-    dtype = _compute_dtype(first, x)
-    if dtype is None or _compute_dtype(second, x) != dtype:
-        return linear(first, x), linear(second, x)
-    key = tuple((t.data_ptr(), t._version, tuple(t.shape)) if t is not None else None
+def _packed_pair(first: nn.Linear, second: nn.Linear, dtype: torch.dtype):
+    """(stacked weights in oneDNN's layout, stacked biases) of two linear layers, cached on ``first``."""
+    key = tuple((t.data_ptr(), t._version, t.shape) if t is not None else None
                 for t in (first.weight, first.bias, second.weight, second.bias))
     caches = getattr(first, _PAIR_ATTR, None)
     if caches is None:
@@ -134,14 +123,114 @@ def linear_pair(first: nn.Linear, second: nn.Linear, x: torch.Tensor):
         biases = [layer.bias.detach() if layer.bias is not None else torch.zeros(layer.out_features)
                   for layer in (first, second)]
         cached = caches[dtype] = (key, _reorder_weight(weight), torch.cat(biases).to(dtype), second)
-    out = _linear_pointwise(x.to(dtype), cached[1], cached[2], "none", [], "")
+    return cached[1], cached[2]
+
+
+# The packed products themselves, for callers that have checked that the packed path
+# applies and converted ``x`` to ``dtype`` (linear() and co. below, and the inference
+# paths of the model's blocks, which check once per block).
+
+def packed_linear(layer: nn.Linear, x: torch.Tensor, dtype: torch.dtype, gelu: bool = False) -> torch.Tensor:
+    weight, bias = _packed(layer, dtype)
+    return _linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+
+
+def packed_linear_pair(first: nn.Linear, second: nn.Linear, x: torch.Tensor, dtype: torch.dtype):
+    weight, bias = _packed_pair(first, second, dtype)
+    out = _linear_pointwise(x, weight, bias, "none", [], "")
     return out[..., :first.out_features], out[..., first.out_features:]
 
 
+def packed_conv2d(layer: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    padding, stride, dilation = list(layer.padding), list(layer.stride), list(layer.dilation)
+    weight, bias = _packed(layer, dtype, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
+        w, padding, stride, dilation, layer.groups, list(x.shape)))
+    x = x.contiguous(memory_format=torch.channels_last)
+    return _CONV_OP(x, weight, bias, padding, stride, dilation, layer.groups, "none", [], "")
+
+
+def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """``layer(x)``, or ``F.gelu(layer(x))`` with ``gelu=True`` (exact erf GELU)."""
+    dtype = _compute_dtype(layer, x)
+    if dtype is not None:
+        return packed_linear(layer, x.to(dtype), dtype, gelu)
+    out = layer(x)
+    return F.gelu(out) if gelu else out
+
+
+def linear_pair(first: nn.Linear, second: nn.Linear, x: torch.Tensor):
+    """``(first(x), second(x))`` for two layers with the same input, as one matrix product on
+    the packed path (their weights stacked, cached on ``first``): the results are channel
+    slices of one tensor, which the DCNv3 CPU kernels read in place. Elsewhere two calls."""
+    dtype = _compute_dtype(first, x)
+    if dtype is None or _compute_dtype(second, x) != dtype:
+        return linear(first, x), linear(second, x)
+    return packed_linear_pair(first, second, x.to(dtype), dtype)
+
+
+def _conv_packable(layer: nn.Conv2d, x: torch.Tensor) -> bool:
+    return (CONV_AVAILABLE and type(layer) is nn.Conv2d and layer.padding_mode == "zeros"
+            and not isinstance(layer.padding, str) and x.dim() == 4)
+
+
+def conv2d(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for an NCHW tensor ``x``. On the packed path (see the top of this module)
+    a oneDNN convolution in channels-last memory with the weight reordered once and cached:
+    an input in another layout is copied to channels-last first (that copy costs less than the
+    convolution gains: the stem's 3-channel convolution on an NCHW batch of 8 took 9x longer),
+    and the output is channels-last, an NCHW tensor as ``layer``'s. Without the cache, PyTorch
+    reorders the weight at every call (and, for a channels-last input, copies it first)."""
+    dtype = _compute_dtype(layer, x, contiguous=False)
+    if dtype is None or not _conv_packable(layer, x):
+        return layer(x)
+    return packed_conv2d(layer, x.to(dtype), dtype)
+
+
+def _global_hooks() -> bool:
+    """Hooks registered for every module (torch.nn.modules.module.register_module_forward_hook
+    and co.), which a module's own __call__ would run."""
+    return any(getattr(_module_py, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
+def inference_dtype(modules, weights, x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype in which a model block made of ``modules`` (all its submodules, itself
+    included) may run its inference path, which calls the packed products directly instead of
+    its layers: float32 (bfloat16 where oneDNN has native bfloat16 kernels), the dtype of ``x``
+    and of ``weights`` (those of the layers the path uses), without autograd, autocast,
+    tracing or compiling, with ``x`` a contiguous CPU tensor, and with every module in eval
+    mode and without hooks (the path would bypass them). None where it does not apply."""
+    if (torch.is_grad_enabled() or x.device.type != "cpu" or torch.is_autocast_enabled("cpu")
+            or not x.is_contiguous() or x.numel() == 0 or not enabled() or not CONV_AVAILABLE
+            or torch.jit.is_tracing() or torch.compiler.is_compiling() or _global_hooks()):
+        return None
+    dtype = x.dtype
+    if not (dtype == torch.float32 or (dtype == torch.bfloat16 and BF16_AVAILABLE)):
+        return None
+    for m in modules:
+        if m.training or m._forward_hooks or m._forward_pre_hooks:
+            return None
+    for weight in weights:
+        if weight.dtype != dtype:
+            return None
+    return dtype
+
+
+def conv_sequential(sequential: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``sequential(x)`` for a Sequential that starts with a Conv2d, the convolution through
+    :func:`conv2d` (unless the Sequential has hooks, which that would bypass)."""
+    if sequential._forward_hooks or sequential._forward_pre_hooks or not isinstance(sequential[0], nn.Conv2d):
+        return sequential(x)
+    x = conv2d(sequential[0], x)
+    for layer in sequential[1:]:
+        x = layer(x)
+    return x
+
+
 def release_packed_weights(model: nn.Module) -> None:
-    """Drop the cached oneDNN copies of the weights of ``model``'s linear layers."""
+    """Drop the cached oneDNN copies of the weights of ``model``'s linear and conv layers."""
     for module in model.modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
             for attr in (_CACHE_ATTR, _PAIR_ATTR):
                 if hasattr(module, attr):
                     object.__delattr__(module, attr)

@@ -177,3 +177,100 @@ def test_linear_pair_is_one_product_equal_to_two_layers():
     assert a.requires_grad and a.is_contiguous() and b.is_contiguous()
     release_packed_weights(torch.nn.Sequential(first, second))
     assert not hasattr(first, packed_linear._PAIR_ATTR)
+
+
+needs_conv = pytest.mark.skipif(not packed_linear.CONV_AVAILABLE, reason="PyTorch without the oneDNN conv ops")
+
+
+@needs_conv
+@pytest.mark.parametrize("in_ch,out_ch,stride,groups,bias", [(3, 8, 2, 1, True), (16, 32, 2, 1, False),
+                                                             (16, 16, 1, 16, True)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_packed_conv2d_matches_nn_conv2d(in_ch, out_ch, stride, groups, bias, channels_last):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(in_ch, out_ch, 3, stride, 1, groups=groups, bias=bias)
+    x = torch.randn(2, in_ch, 11, 13)
+    if channels_last:
+        x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # an NHWC tensor seen as NCHW
+    with torch.inference_mode():
+        got = packed_linear.conv2d(conv, x)
+        assert hasattr(conv, packed_linear._CACHE_ATTR)  # the oneDNN path ran
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, conv(x), rtol=1e-5, atol=1e-5)
+        # packed for one input size, right for others (oneDNN reorders if its choice differs)
+        other = torch.randn(1, in_ch, 7, 20)
+        torch.testing.assert_close(packed_linear.conv2d(conv, other), conv(other), rtol=1e-5, atol=1e-5)
+        conv.weight.mul_(-1)  # an in-place update repacks
+        torch.testing.assert_close(packed_linear.conv2d(conv, x), conv(x), rtol=1e-5, atol=1e-5)
+    got = packed_linear.conv2d(conv, x)  # autograd: the layer itself
+    assert got.requires_grad
+    release_packed_weights(torch.nn.Sequential(conv))
+    assert not hasattr(conv, packed_linear._CACHE_ATTR)
+
+
+TINY_ARCHS = {
+    "t": dict(),
+    "layer-scale-post-norm": dict(layer_scale=1e-5, post_norm=True),
+    "res-post-norm-center-scale": dict(res_post_norm=True, center_feature_scale=True, layer_scale=1.0),
+}
+
+
+@needs_conv
+@pytest.mark.parametrize("arch", TINY_ARCHS, ids=str)
+def test_block_inference_path_equals_the_module_path(arch, monkeypatch):
+    """InternImageBlock's inference path (the packed products called directly, one check per
+    block) computes exactly what the blocks' modules compute."""
+    from internimage.models import backbone
+
+    torch.manual_seed(0)
+    model = InternImage(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0,
+                        **TINY_ARCHS[arch]).eval()
+    for module in model.modules():  # non-trivial offsets, masks, norms and gates
+        for name, param in module.named_parameters(recurse=False):
+            if name in ("weight", "bias") or "center_feature_scale" in name:
+                param.data.normal_(0, 0.2).add_(1 if (name == "weight" and param.dim() == 1) else 0)
+    x = torch.randn(2, 3, 64, 64)
+    taken = []
+    fast = backbone.InternImageBlock._inference_forward
+    monkeypatch.setattr(backbone.InternImageBlock, "_inference_forward",
+                        lambda self, *args: taken.append(self) or fast(self, *args))
+    with torch.inference_mode():
+        got = model(x)
+        assert len(taken) == 5
+        monkeypatch.setattr(backbone, "inference_dtype", lambda *args: None)
+        want = model(x)
+    assert len(taken) == 5
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@needs_conv
+def test_block_inference_path_steps_aside_for_hooks_training_and_other_layers():
+    from internimage.models import backbone
+
+    torch.manual_seed(0)
+    model = InternImage(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0).eval()
+    block = model.levels[0].blocks[0]
+    torch.nn.init.normal_(block.dcn.offset.weight, std=0.5)  # the depthwise branch matters
+    torch.nn.init.normal_(block.dcn.mask.weight, std=0.5)
+    x = torch.randn(1, 16, 16, 16)
+    with torch.inference_mode():
+        assert block._inference_structure() is not None
+        seen = []
+        handle = block.dcn.input_proj.register_forward_hook(lambda *args: seen.append(1))
+        block(x)
+        assert seen == [1]  # the hook ran: the module path
+        handle.remove()
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: seen.append(2))
+        block(x)
+        handle.remove()
+        assert 2 in seen
+        block.mlp.fc2.train()
+        assert backbone.inference_dtype(*block._inference_structure(), x) is None
+        block.mlp.fc2.eval()
+        want = block._forward(x)
+        block.dcn.dw_conv[2] = torch.nn.ReLU()  # a layer the path does not cover: noticed, module path
+        assert block._inference_structure() is None
+        got = block(x)
+        assert not torch.equal(got, want) and torch.equal(got, block._forward(x))
+        assert backbone.inference_dtype(*model.levels[1].blocks[0]._inference_structure(), x.double()) is None

@@ -8,6 +8,7 @@ import numbers
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
@@ -16,7 +17,7 @@ from torch import nn
 
 import ops_dcnv3
 from ops_dcnv3.modules import build_act_layer, build_norm_layer
-from ops_dcnv3.packed_linear import linear, release_packed_weights
+from ops_dcnv3.packed_linear import conv2d, inference_dtype, linear, packed_linear, release_packed_weights
 
 from .gelu_mlp import gelu_mlp
 from .variants import ARCH_KEYS, arch_settings
@@ -114,7 +115,7 @@ class StemLayer(nn.Module):
         self.norm2 = build_norm_layer(out_chans, norm_layer, "channels_first", "channels_last")
 
     def forward(self, x):
-        return self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
+        return self.norm2(conv2d(self.conv2, self.act(self.norm1(conv2d(self.conv1, x)))))
 
 
 class DownsampleLayer(nn.Module):
@@ -126,7 +127,7 @@ class DownsampleLayer(nn.Module):
         self.norm = build_norm_layer(2 * channels, norm_layer, "channels_first", "channels_last")
 
     def forward(self, x):
-        return self.norm(self.conv(x.permute(0, 3, 1, 2)))
+        return self.norm(conv2d(self.conv, x.permute(0, 3, 1, 2)))
 
 
 class MLPLayer(nn.Module):
@@ -153,6 +154,14 @@ class MLPLayer(nn.Module):
             if not self.training and self.act.approximate == "none":  # inference: oneDNN, GELU fused
                 return linear(self.fc2, linear(self.fc1, x, gelu=True))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+    def inference_ready(self) -> bool:
+        """Whether :meth:`inference_forward` covers this layer (exact GELU)."""
+        return type(self.act) is nn.GELU and self.act.approximate == "none"
+
+    def inference_forward(self, x, dtype):
+        """forward() on the packed inference path (see InternImageBlock.forward)."""
+        return packed_linear(self.fc2, packed_linear(self.fc1, x, dtype, gelu=True), dtype)
 
     def _hooked(self):
         """Hooks on the layers: the fused paths would bypass them."""
@@ -215,7 +224,48 @@ class InternImageBlock(nn.Module):
     def forward(self, x):
         if self.with_cp and x.requires_grad:
             return cp.checkpoint(self._forward, x, use_reentrant=False)
+        if not self.training and not torch.is_grad_enabled():
+            structure = self._inference_structure()
+            dtype = None if structure is None else inference_dtype(*structure, x)
+            if dtype is not None:
+                return self._inference_forward(x, dtype)
         return self._forward(x)
+
+    def _inference_structure(self):
+        """(all submodules, the weights of the layers it uses) when _inference_forward covers
+        the block's structure, else None. Cached: walking the modules at every call cost more
+        than the path saves at batch 1; the cache holds while every submodule keeps the same
+        children."""
+        cached = self.__dict__.get("_inference_cache")
+        if cached is not None and all(tuple(m._modules.values()) == children for m, children in cached[0]):
+            return cached[1]
+        norms = [self.norm1, self.norm2] + ([self.res_post_norm1, self.res_post_norm2] if self.res_post_norm else [])
+        ready = (isinstance(self.dcn, ops_dcnv3.DCNv3) and self.dcn.inference_ready()
+                 and isinstance(self.mlp, MLPLayer) and self.mlp.inference_ready()
+                 and all(type(n) is nn.Sequential and len(n) == 1 and type(n[0]) is nn.LayerNorm for n in norms))
+        modules = tuple(self.modules())
+        structure = None
+        if ready:
+            weights = tuple(m.weight for m in modules if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm)))
+            structure = (modules, weights)
+        self.__dict__["_inference_cache"] = (tuple((m, tuple(m._modules.values())) for m in modules), structure)
+        return structure
+
+    def _inference_forward(self, x, dtype):
+        """_forward() in inference (checked by forward()): the same operations, the layers'
+        products on oneDNN with packed weights (ops_dcnv3.packed_linear), called directly
+        instead of through the layer modules and their per-call checks."""
+        def norm(sequential):
+            layer = sequential[0] if sequential is not None else None
+            return None if layer is None else (
+                lambda t: F.layer_norm(t, layer.normalized_shape, layer.weight, layer.bias, layer.eps))
+
+        gamma1 = self.gamma1 if self.layer_scale is not None else None
+        gamma2 = self.gamma2 if self.layer_scale is not None else None
+        x = x + self._branch(x, lambda t: self.dcn.inference_forward(t, dtype), norm(self.norm1),
+                             norm(getattr(self, "res_post_norm1", None)), gamma1)
+        return x + self._branch(x, lambda t: self.mlp.inference_forward(t, dtype), norm(self.norm2),
+                                norm(getattr(self, "res_post_norm2", None)), gamma2)
 
 
 class InternImageStage(nn.Module):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ops_dcnv3.modules import build_act_layer, build_norm_layer
+from ops_dcnv3.packed_linear import conv_sequential
 
 from .backbone import InternImage, _is_int, _is_number
 from .variants import CLASSIFIER_HEAD, variant_name
@@ -214,7 +215,7 @@ class InternImageClassifier(InternImage):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool the feature map and classify it; ``pre_logits=True`` stops before the classifier."""
         if not self.use_clip_projector:
-            x = torch.flatten(self.avgpool(self.conv_head(x)), 1)
+            x = torch.flatten(self.avgpool(conv_sequential(self.conv_head, x)), 1)
         else:
             x = self.fc_norm(self.clip_projector(x.flatten(2).transpose(1, 2)))
         return x if pre_logits else self.head(x)
