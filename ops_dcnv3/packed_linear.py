@@ -1,4 +1,5 @@
-"""Inference-time linear layers on oneDNN with prepacked weights (CPU, float32 and bfloat16).
+"""Inference-time linear layers and convolutions on oneDNN with prepacked weights (CPU,
+float32; linear layers also bfloat16).
 
 ``torch.nn.Linear`` on CPU calls MKL's GEMM after copying the bias into the output, and a
 following GELU is one more pass over it. For inference, :func:`linear` runs the same
@@ -17,11 +18,21 @@ products accumulate in float32 in both: results equal autocast's up to summation
 On other CPUs autocast runs as usual (there bfloat16 matrix products are emulated and
 slower than float32).
 
+:func:`conv2d` does the same for a float32 ``nn.Conv2d``: PyTorch reorders a convolution's
+weight into oneDNN's layout at every call (for a channels-last input after copying it to
+channels-last), which made InternImage-T's last downsampling convolution cost 6 ms at batch 1
+instead of 1 ms; the packed convolution runs in channels-last memory.
+
+A model block can skip its layers' per-call checks and module calls: the packed products
+(:func:`packed_linear`, :func:`packed_linear_pair`, :func:`packed_conv2d`) take a dtype that
+the caller has checked once with :func:`inference_dtype` (InternImageBlock does this).
+
 It is used only where it is safe: no autograd (``torch.no_grad`` / ``inference_mode``), a
 CPU tensor, no tracing or compiling, and no hooks on the layer (they would be bypassed).
 Otherwise, and where PyTorch lacks the oneDNN ops, the layer runs as usual.
-``INTERNIMAGE_PACKED_LINEAR=0`` turns it off; :func:`release_packed_weights` frees the
-cached copies (about the size of the model's linear weights per dtype).
+``INTERNIMAGE_PACKED_LINEAR=0`` turns it off (linear layers and convolutions);
+:func:`release_packed_weights` frees the cached copies (about the size of the model's
+weights per dtype).
 """
 import os
 from typing import Optional
@@ -180,10 +191,11 @@ def conv2d(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     convolution gains: the stem's 3-channel convolution on an NCHW batch of 8 took 9x longer),
     and the output is channels-last, an NCHW tensor as ``layer``'s. Without the cache, PyTorch
     reorders the weight at every call (and, for a channels-last input, copies it first)."""
-    dtype = _compute_dtype(layer, x, contiguous=False)
-    if dtype is None or not _conv_packable(layer, x):
+    # float32 only: the bfloat16 convolutions (autocast) are left to autocast, untested here
+    # on a CPU with native bfloat16.
+    if _compute_dtype(layer, x, contiguous=False) != torch.float32 or not _conv_packable(layer, x):
         return layer(x)
-    return packed_conv2d(layer, x.to(dtype), dtype)
+    return packed_conv2d(layer, x, torch.float32)
 
 
 def _global_hooks() -> bool:
@@ -196,16 +208,16 @@ def _global_hooks() -> bool:
 def inference_dtype(modules, weights, x: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype in which a model block made of ``modules`` (all its submodules, itself
     included) may run its inference path, which calls the packed products directly instead of
-    its layers: float32 (bfloat16 where oneDNN has native bfloat16 kernels), the dtype of ``x``
-    and of ``weights`` (those of the layers the path uses), without autograd, autocast,
-    tracing or compiling, with ``x`` a contiguous CPU tensor, and with every module in eval
-    mode and without hooks (the path would bypass them). None where it does not apply."""
+    its layers: float32, the dtype of ``x`` and of ``weights`` (those of the layers the path
+    uses), without autograd, autocast, tracing or compiling, with ``x`` a contiguous CPU
+    tensor, and with every module in eval mode and without hooks (the path would bypass
+    them). None where it does not apply."""
     if (torch.is_grad_enabled() or x.device.type != "cpu" or torch.is_autocast_enabled("cpu")
             or not x.is_contiguous() or x.numel() == 0 or not enabled() or not CONV_AVAILABLE
             or torch.jit.is_tracing() or torch.compiler.is_compiling() or _global_hooks()):
         return None
     dtype = x.dtype
-    if not (dtype == torch.float32 or (dtype == torch.bfloat16 and BF16_AVAILABLE)):
+    if dtype != torch.float32:  # bfloat16 models take the layers' own packed paths
         return None
     for m in modules:
         if m.training or m._forward_hooks or m._forward_pre_hooks:
