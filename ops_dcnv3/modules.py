@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.init import constant_, xavier_uniform_
 
 from .functions import dcnv3, dcnv3_reference
-from .packed_linear import conv_sequential, linear, linear_pair, packed_conv2d, packed_linear, packed_linear_pair
+from .packed_linear import conv_sequential, linear_pair, packed_conv2d, packed_linear_pair
 
 _DCNV3_FORWARD = torch.ops.ops_dcnv3.dcnv3_forward.default
 
@@ -137,7 +137,7 @@ class DCNv3(nn.Module):
 
     def forward(self, input):
         """input: (N, H, W, C) -> (N, Ho, Wo, C)."""
-        x_proj = linear(self.input_proj, input)
+        x_proj = self.input_proj(input)  # nn.Linear (MKL): see inference_forward
         features = conv_sequential(self.dw_conv, input.permute(0, 3, 1, 2))  # channels-last out
         # One matrix product for both on the packed inference path (the op reads the slices);
         # softmax over the points of each group: inside the op.
@@ -145,7 +145,7 @@ class DCNv3(nn.Module):
         x = self.core_op(x_proj, offset, mask_logits, self.kernel_size, self.kernel_size, self.stride, self.stride,
                          self.pad, self.pad, self.dilation, self.dilation, self.group, self.group_channels,
                          self.offset_scale, self.remove_center, softmax=True)
-        return linear(self.output_proj, self._blend(x, x_proj, features))
+        return self.output_proj(self._blend(x, x_proj, features))
 
     def _blend(self, x, x_proj, features):
         if not self.center_feature_scale:
@@ -166,8 +166,11 @@ class DCNv3(nn.Module):
         """:meth:`forward` on the packed inference path, for a caller that has checked that it
         applies (``packed_linear.inference_dtype`` and :meth:`inference_ready`): the same
         operations, without module calls or per-layer checks (at batch size 1 those made up
-        a tenth of InternImage-T's time on a 2-core CPU)."""
-        x_proj = packed_linear(self.input_proj, input, dtype)
+        a tenth of InternImage-T's time on a 2-core CPU). The square input and output
+        projections stay on MKL (``F.linear``, as in :meth:`forward`): at batch 1 oneDNN's
+        per-call cost outweighed its faster kernel there (3% of the model's time), at batch 8
+        the two were even."""
+        x_proj = F.linear(input, self.input_proj.weight, self.input_proj.bias)
         conv, (_, norm), act = self.dw_conv
         features = packed_conv2d(conv, input.permute(0, 3, 1, 2), dtype).permute(0, 2, 3, 1)
         features = F.gelu(F.layer_norm(features, norm.normalized_shape, norm.weight, norm.bias, norm.eps),
@@ -176,7 +179,7 @@ class DCNv3(nn.Module):
         x = _DCNV3_FORWARD(x_proj, offset, mask_logits, self.kernel_size, self.kernel_size, self.stride, self.stride,
                            self.pad, self.pad, self.dilation, self.dilation, self.group, self.group_channels,
                            float(self.offset_scale), self.remove_center, True)
-        return packed_linear(self.output_proj, self._blend(x, x_proj, features), dtype)
+        return F.linear(self._blend(x, x_proj, features), self.output_proj.weight, self.output_proj.bias)
 
 
 class DCNv3_pytorch(DCNv3):

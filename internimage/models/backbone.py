@@ -246,7 +246,8 @@ class InternImageBlock(nn.Module):
         modules = tuple(self.modules())
         structure = None
         if ready:
-            weights = tuple(m.weight for m in modules if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm)))
+            weights = tuple(m.weight for m in modules
+                            if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm)) and m.weight is not None)
             structure = (modules, weights)
         self.__dict__["_inference_cache"] = (tuple((m, tuple(m._modules.values())) for m in modules), structure)
         return structure
@@ -264,8 +265,9 @@ class InternImageBlock(nn.Module):
         gamma2 = self.gamma2 if self.layer_scale is not None else None
         x = x + self._branch(x, lambda t: self.dcn.inference_forward(t, dtype), norm(self.norm1),
                              norm(getattr(self, "res_post_norm1", None)), gamma1)
-        return x + self._branch(x, lambda t: self.mlp.inference_forward(t, dtype), norm(self.norm2),
-                                norm(getattr(self, "res_post_norm2", None)), gamma2)
+        # x is this function's own tensor now: the second sum in place (one allocation less)
+        return x.add_(self._branch(x, lambda t: self.mlp.inference_forward(t, dtype), norm(self.norm2),
+                                   norm(getattr(self, "res_post_norm2", None)), gamma2))
 
 
 class InternImageStage(nn.Module):
