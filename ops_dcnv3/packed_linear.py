@@ -43,7 +43,6 @@ from torch import nn
 from torch.nn.modules import module as _module_py
 
 _CACHE_ATTR = "_packed_weight"
-_PAIR_ATTR = "_packed_pair"
 
 
 def _ops_available(*names) -> bool:
@@ -69,11 +68,17 @@ def enabled() -> bool:
     return AVAILABLE and os.environ.get("INTERNIMAGE_PACKED_LINEAR", "1") != "0"
 
 
+def _eager_cpu_inference(x: torch.Tensor) -> bool:
+    """The conditions of every packed path: packing on, no autograd, a non-empty CPU tensor,
+    no tracing or compiling."""
+    return not (torch.is_grad_enabled() or x.device.type != "cpu" or x.numel() == 0 or not enabled()
+                or torch.jit.is_tracing() or torch.compiler.is_compiling())
+
+
 def _compute_dtype(layer: nn.Module, x: torch.Tensor, contiguous: bool = True) -> Optional[torch.dtype]:
     """The dtype the packed path computes ``layer(x)`` in, or None where it does not apply."""
-    if (torch.is_grad_enabled() or x.device.type != "cpu" or (contiguous and not x.is_contiguous()) or x.numel() == 0
-            or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or layer._forward_hooks or layer._forward_pre_hooks or not enabled()):
+    if (not _eager_cpu_inference(x) or (contiguous and not x.is_contiguous())
+            or layer._forward_hooks or layer._forward_pre_hooks):
         return None
     if torch.is_autocast_enabled("cpu"):
         # autocast would compute in bfloat16: packed bfloat16 where oneDNN has native kernels
@@ -104,37 +109,36 @@ def _usable(layer: nn.Linear, x: torch.Tensor) -> bool:
     return _compute_dtype(layer, x) is not None
 
 
+def _cached(owner: nn.Module, slot, tensors, build):
+    """``build()``, cached on ``owner`` under ``slot`` until one of ``tensors`` (the parameters it
+    is made from) changes: other storage, an in-place update or another shape."""
+    key = [None if t is None else (t.data_ptr(), t._version, t.shape) for t in tensors]
+    caches = owner.__dict__.get(_CACHE_ATTR)
+    if caches is None:
+        caches = {}
+        object.__setattr__(owner, _CACHE_ATTR, caches)  # not a parameter or buffer: no state_dict entry
+    cached = caches.get(slot)
+    if cached is None or cached[0] != key:
+        cached = caches[slot] = (key, build())
+    return cached[1]
+
+
 def _packed(layer: nn.Module, dtype: torch.dtype, reorder=None):
     """(weight in oneDNN's layout, bias) in ``dtype``, cached per dtype until the parameters change."""
     weight, bias = layer.weight, layer.bias
-    key = (weight.data_ptr(), weight._version, weight.shape,
-           None if bias is None else (bias.data_ptr(), bias._version))
-    caches = getattr(layer, _CACHE_ATTR, None)
-    if caches is None:
-        caches = {}
-        object.__setattr__(layer, _CACHE_ATTR, caches)  # not a parameter or buffer: no state_dict entry
-    cached = caches.get(dtype)
-    if cached is None or cached[0] != key:
-        packed_weight = (reorder or _reorder_weight)(weight.detach().to(dtype))
-        cached = caches[dtype] = (key, packed_weight, None if bias is None else bias.detach().to(dtype))
-    return cached[1], cached[2]
+    return _cached(layer, dtype, (weight, bias), lambda: (
+        (reorder or _reorder_weight)(weight.detach().to(dtype)), None if bias is None else bias.detach().to(dtype)))
 
 
 def _packed_pair(first: nn.Linear, second: nn.Linear, dtype: torch.dtype):
     """(stacked weights in oneDNN's layout, stacked biases) of two linear layers, cached on ``first``."""
-    key = tuple((t.data_ptr(), t._version, t.shape) if t is not None else None
-                for t in (first.weight, first.bias, second.weight, second.bias))
-    caches = getattr(first, _PAIR_ATTR, None)
-    if caches is None:
-        caches = {}
-        object.__setattr__(first, _PAIR_ATTR, caches)
-    cached = caches.get(dtype)
-    if cached is None or cached[0] != key or cached[3] is not second:
+    def build():
         weight = torch.cat([first.weight.detach(), second.weight.detach()]).to(dtype)
         biases = [layer.bias.detach() if layer.bias is not None else torch.zeros(layer.out_features)
                   for layer in (first, second)]
-        cached = caches[dtype] = (key, _reorder_weight(weight), torch.cat(biases).to(dtype), second)
-    return cached[1], cached[2]
+        return _reorder_weight(weight), torch.cat(biases).to(dtype)
+
+    return _cached(first, ("pair", dtype), (first.weight, first.bias, second.weight, second.bias), build)
 
 
 # The packed products themselves, for callers that have checked that the packed path
@@ -212,9 +216,8 @@ def inference_dtype(modules, weights, x: torch.Tensor) -> Optional[torch.dtype]:
     uses), without autograd, autocast, tracing or compiling, with ``x`` a contiguous CPU
     tensor, and with every module in eval mode and without hooks (the path would bypass
     them). None where it does not apply."""
-    if (torch.is_grad_enabled() or x.device.type != "cpu" or torch.is_autocast_enabled("cpu")
-            or not x.is_contiguous() or x.numel() == 0 or not enabled() or not CONV_AVAILABLE
-            or torch.jit.is_tracing() or torch.compiler.is_compiling() or _global_hooks()):
+    if (not _eager_cpu_inference(x) or torch.is_autocast_enabled("cpu") or not x.is_contiguous()
+            or not CONV_AVAILABLE or _global_hooks()):
         return None
     dtype = x.dtype
     if dtype != torch.float32:  # bfloat16 models take the layers' own packed paths
@@ -243,6 +246,4 @@ def release_packed_weights(model: nn.Module) -> None:
     """Drop the cached oneDNN copies of the weights of ``model``'s linear and conv layers."""
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            for attr in (_CACHE_ATTR, _PAIR_ATTR):
-                if hasattr(module, attr):
-                    object.__delattr__(module, attr)
+            module.__dict__.pop(_CACHE_ATTR, None)

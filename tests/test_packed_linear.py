@@ -176,7 +176,7 @@ def test_linear_pair_is_one_product_equal_to_two_layers():
     a, b = packed_linear.linear_pair(first, second, x)  # autograd on: the two layers themselves
     assert a.requires_grad and a.is_contiguous() and b.is_contiguous()
     release_packed_weights(torch.nn.Sequential(first, second))
-    assert not hasattr(first, packed_linear._PAIR_ATTR)
+    assert not hasattr(first, packed_linear._CACHE_ATTR)
 
 
 needs_conv = pytest.mark.skipif(not packed_linear.CONV_AVAILABLE, reason="PyTorch without the oneDNN conv ops")
