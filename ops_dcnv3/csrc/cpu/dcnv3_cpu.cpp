@@ -233,8 +233,8 @@ inline bool locate(acc_t x, acc_t y, int64_t height, int64_t width, Corners<acc_
 // loops over j that the compiler vectorises (the per-point arithmetic otherwise costs more
 // than the multiply-adds over a group's 16 or 32 channels): the mask weight m folded into
 // the four bilinear corner weights, each corner's pixel index (y * W + x, -1 outside the
-// image) and whether the location lies in the box (-1, W) x (-1, H) at all. The values are
-// those forward_pixel_exact computes, operation for operation.
+// image) and whether the location lies in the box (-1, W) x (-1, H) at all. The operations
+// are those of forward_pixel_exact (results equal up to how the compiler fuses multiply-adds).
 template <typename acc_t>
 struct PixelPlan {
   std::vector<acc_t> grid_x, grid_y;  // the kernel grid, repeated for each group
