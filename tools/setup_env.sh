@@ -28,6 +28,22 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(inputs_hash)" ]; then
   exit 0
 fi
 
+# 0. room on disk ---------------------------------------------------------------
+# A new .venv takes about 6.5 GB (torch's x86-64 wheel is a CUDA build with its NVIDIA
+# libraries), the mmcv build about 1 GB more in the temporary folder; pip fails half way
+# through with "No space left on device" otherwise.
+free_gb() { df -Pk "$1" 2>/dev/null | awk 'NR == 2 {print int($4 / 1048576)}'; }
+need_gb() {  # folder, GB wanted, what for
+  local have
+  have=$(free_gb "$1")
+  [ -z "$have" ] || [ "$have" -ge "$2" ] \
+    || die "$have GB free on the disk of $1, $3 needs about $2 GB: free some space (or set VENV=/path on a larger disk) and rerun"
+}
+if [ ! -x "$PY" ] || ! "$PY" -c 'import torch' >/dev/null 2>&1; then
+  mkdir -p "$(dirname "$VENV")"
+  need_gb "$(dirname "$VENV")" 8 "a new environment (torch, torchvision, the OpenMMLab stack)"
+fi
+
 # 1. virtual environment and build tools --------------------------------------
 if [ ! -x "$PY" ]; then
   command -v "$PYTHON" >/dev/null || die "$PYTHON not found; set PYTHON=/path/to/python3.11"
@@ -108,6 +124,7 @@ if mmcv_ok; then
 else
   WHEEL_DIR=$CACHE_DIR/wheels/mmcv-$MMCV_VERSION-torch$TORCH_VERSION-$BUILD_KIND-$PY_TAG
   if ! ls "$WHEEL_DIR"/mmcv-*.whl >/dev/null 2>&1; then
+    need_gb "${TMPDIR:-/tmp}" 2 "the mmcv build"
     build_mmcv "$WHEEL_DIR"
   else
     log "using cached mmcv wheel from $WHEEL_DIR"
