@@ -111,7 +111,11 @@ def _usable(layer: nn.Linear, x: torch.Tensor) -> bool:
 
 def _cached(owner: nn.Module, slot, tensors, build):
     """``build()``, cached on ``owner`` under ``slot`` until one of ``tensors`` (the parameters it
-    is made from) changes: other storage, an in-place update or another shape."""
+    is made from) changes: other storage, an in-place update or another shape. Parameters
+    created under ``torch.inference_mode`` have no version counter to tell an in-place update
+    (``load_state_dict`` there copies into them): built at every call, never cached."""
+    if any(t is not None and t.is_inference() for t in tensors):
+        return build()
     key = [None if t is None else (t.data_ptr(), t._version, t.shape) for t in tensors]
     caches = owner.__dict__.get(_CACHE_ATTR)
     if caches is None:

@@ -40,6 +40,25 @@ def test_packed_weight_follows_weight_updates():
     assert not hasattr(layer, packed_linear._CACHE_ATTR)
 
 
+@needs_onednn
+def test_model_built_under_inference_mode_runs_and_follows_loaded_weights():
+    # Parameters made under inference_mode are inference tensors, without the version counter
+    # that the packed-weight cache keys on: that cache must not be used for them (it raised).
+    torch.manual_seed(0)
+    kwargs = dict(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0)
+    trained = InternImage(**kwargs).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        want = trained(x)
+        model = InternImage(**kwargs).eval()
+        before = model(x)
+        model.load_state_dict(trained.state_dict())  # copies into the same inference tensors
+        got = model(x)
+    for a, b, c in zip(got, want, before):
+        torch.testing.assert_close(a, b)
+        assert not torch.allclose(c, b)
+
+
 def test_plain_path_where_packing_does_not_apply(monkeypatch):
     layer = torch.nn.Linear(16, 8)
     x = torch.randn(3, 16)
