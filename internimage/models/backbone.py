@@ -135,7 +135,7 @@ class MLPLayer(nn.Module):
 
     With GELU and no hooks on its layers it takes a fused path: in training, the GELU is
     recomputed in backward instead of stored (:mod:`internimage.models.gelu_mlp`); in
-    inference, oneDNN linears with the GELU fused (:mod:`ops_dcnv3.packed_linear`; in bfloat16
+    inference, oneDNN linears with the GELU in place (:mod:`ops_dcnv3.packed_linear`; in bfloat16
     under autocast where the CPU has native bfloat16 kernels). Results equal the plain path up
     to rounding; hooks, tracing and dropout take the plain path.
     """
@@ -151,7 +151,7 @@ class MLPLayer(nn.Module):
         if isinstance(self.act, nn.GELU) and not self._hooked():
             if self._saves_memory(x):
                 return gelu_mlp(x, self.fc1, self.fc2, self.act.approximate)
-            if not self.training and self.act.approximate == "none":  # inference: oneDNN, GELU fused
+            if not self.training and self.act.approximate == "none":  # inference: oneDNN, GELU in place
                 return linear(self.fc2, linear(self.fc1, x, gelu=True))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
