@@ -173,8 +173,8 @@ class DCNv3(nn.Module):
         x_proj = F.linear(input, self.input_proj.weight, self.input_proj.bias)
         conv, (_, norm), act = self.dw_conv
         features = packed_conv2d(conv, input.permute(0, 3, 1, 2), dtype).permute(0, 2, 3, 1)
-        features = F.gelu(F.layer_norm(features, norm.normalized_shape, norm.weight, norm.bias, norm.eps),
-                          approximate=act.approximate)
+        features = torch.ops.aten.gelu_(F.layer_norm(features, norm.normalized_shape, norm.weight, norm.bias, norm.eps),
+                                        approximate=act.approximate)  # in place: the norm's own output
         offset, mask_logits = packed_linear_pair(self.offset, self.mask, features, dtype)
         x = _DCNV3_FORWARD(x_proj, offset, mask_logits, self.kernel_size, self.kernel_size, self.stride, self.stride,
                            self.pad, self.pad, self.dilation, self.dilation, self.group, self.group_channels,

@@ -234,8 +234,9 @@ class InternImageBlock(nn.Module):
     def _inference_structure(self):
         """(all submodules, the weights of the layers it uses) when _inference_forward covers
         the block's structure, else None. Cached: walking the modules at every call cost more
-        than the path saves at batch 1; the cache holds while every submodule keeps the same
-        children."""
+        than the path saves at batch 1; the cache holds while every submodule that has children
+        keeps the same ones (the leaves it relies on are layers of exact types, whose forward
+        uses no children)."""
         cached = self.__dict__.get("_inference_cache")
         if cached is not None and all(tuple(m._modules.values()) == children for m, children in cached[0]):
             return cached[1]
@@ -249,7 +250,8 @@ class InternImageBlock(nn.Module):
             weights = tuple(m.weight for m in modules
                             if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm)) and m.weight is not None)
             structure = (modules, weights)
-        self.__dict__["_inference_cache"] = (tuple((m, tuple(m._modules.values())) for m in modules), structure)
+        self.__dict__["_inference_cache"] = (tuple((m, tuple(m._modules.values())) for m in modules if m._modules),
+                                             structure)
         return structure
 
     def _inference_forward(self, x, dtype):
@@ -263,9 +265,10 @@ class InternImageBlock(nn.Module):
 
         gamma1 = self.gamma1 if self.layer_scale is not None else None
         gamma2 = self.gamma2 if self.layer_scale is not None else None
-        x = x + self._branch(x, lambda t: self.dcn.inference_forward(t, dtype), norm(self.norm1),
-                             norm(getattr(self, "res_post_norm1", None)), gamma1)
-        # x is this function's own tensor now: the second sum in place (one allocation less)
+        # Each branch's output is a new tensor of this function's: the sums are made in place
+        # (x + y and y + x are the same sum).
+        x = self._branch(x, lambda t: self.dcn.inference_forward(t, dtype), norm(self.norm1),
+                         norm(getattr(self, "res_post_norm1", None)), gamma1).add_(x)
         return x.add_(self._branch(x, lambda t: self.mlp.inference_forward(t, dtype), norm(self.norm2),
                                    norm(getattr(self, "res_post_norm2", None)), gamma2))
 
