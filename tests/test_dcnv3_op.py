@@ -330,6 +330,30 @@ def test_non_finite_offset_gives_nan_in_its_pixel_and_group(dtype, bad, softmax)
         torch.testing.assert_close(grad[~expected], ref_grad[~expected], msg=name)
 
 
+@pytest.mark.parametrize("softmax", [False, True])
+def test_non_finite_grad_output_stays_in_its_pixel_and_group(softmax):
+    # The CPU backward plans the points of 32 pixels at a time: a NaN or Inf in grad_output
+    # must reach the gradients of its own (pixel, group) only, and grad_input where the
+    # reference's has it.
+    group, group_channels = 3, 4
+    input, offset, mask, params = make_case(2, 6, 7, 3, 3, 1, 1, 1, 1, 1, 1, group, group_channels, 1.0, False,
+                                            offset_range=4.0)
+    grad_output = torch.randn(2, 6, 7, group * group_channels, dtype=torch.float64)
+    grad_output[1, 2, 3, 5] = float("inf")  # group 1
+    grad_output[0, 0, 0, 9] = float("nan")  # group 2
+    params = params + (softmax,)
+    _, grads = run_with_grads(dcnv3, input, offset, mask, params, grad_output)
+    _, ref_grads = run_with_grads(dcnv3_reference, input, offset, mask, params, grad_output)
+    assert torch.equal(grads[0].isnan(), ref_grads[0].isnan()) and grads[0].isnan().any()
+    torch.testing.assert_close(grads[0][~grads[0].isnan()], ref_grads[0][~grads[0].isnan()])
+    for grad, ref_grad in zip(grads[1:], ref_grads[1:]):
+        poisoned = torch.zeros(grad.shape[:3] + (group, grad.shape[-1] // group), dtype=torch.bool)
+        poisoned[1, 2, 3, 1] = poisoned[0, 0, 0, 2] = True
+        poisoned = poisoned.reshape(grad.shape)
+        assert grad[poisoned].isnan().any() and ref_grad[poisoned].isnan().any()
+        torch.testing.assert_close(grad[~poisoned], ref_grad[~poisoned])
+
+
 def test_module_with_nan_offset_scale_gives_nan():
     torch.manual_seed(0)
     x = torch.randn(1, 5, 6, 16)

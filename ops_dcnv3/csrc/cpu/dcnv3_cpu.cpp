@@ -444,13 +444,188 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
   }
 }
 
-// Backward for one (n, g) pair and output pixels [pix_begin, pix_end) of its image.
-// grad_input is accumulated into `grad_image` (pixel stride `gi_stride`), which this call
-// owns exclusively: no two tasks write the same memory. Without bands (Banded =
-// std::false_type) it is the pair's whole image. A band's buffer (std::true_type) holds
-// input pixels [gi_begin, gi_end) (index y * W + x) only, and corners outside them are
-// dropped: the caller sizes the buffer to cover every pixel the points reach, and the
-// check keeps a mistake there from writing out of bounds.
+// The backward of one output pixel `pix` of pair (n, g), point by point, for pixels that
+// backward_task does not plan: a location or a sampling weight that is not finite (see the
+// top of the file). A point outside the box gets zero gradients, one whose location is not
+// finite NaN offset and mask gradients. `image` is the pair's image (input of image n, from
+// group g's channels).
+template <typename scalar_t, typename Banded>
+void backward_pixel_exact(const scalar_t* grad_output, const scalar_t* image, const scalar_t* offset,
+                          const scalar_t* mask, at::opmath_type<scalar_t>* grad_image, int64_t gi_stride,
+                          int64_t gi_begin, int64_t gi_end, scalar_t* grad_offset, scalar_t* grad_mask,
+                          const Geometry& geo, const Params& p, const KernelGrid<at::opmath_type<scalar_t>>& grid,
+                          int64_t n, int64_t g, int64_t pix, Banded) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t P = geo.points, Cg = p.group_channels, C = geo.channels;
+  const acc_t scale = acc_t(p.offset_scale);
+  const std::vector<scalar_t> zeros(Cg, scalar_t(0));
+  std::vector<acc_t> sink(Cg), go(Cg), weights(P), grad_weights(P);
+  const int64_t idx = n * geo.height_out * geo.width_out + pix;
+  const int64_t ho = pix / geo.width_out, wo = pix % geo.width_out;
+  const acc_t base_x = acc_t(wo * p.stride_w - p.pad_w + (p.dilation_w * (p.kernel_w - 1)) / 2);
+  const acc_t base_y = acc_t(ho * p.stride_h - p.pad_h + (p.dilation_h * (p.kernel_h - 1)) / 2);
+  const scalar_t* go_in = grad_output + idx * C + g * Cg;
+  for (int64_t ch = 0; ch < Cg; ++ch) go[ch] = widen(go_in[ch]);
+  const scalar_t* off = offset + (idx * p.group + g) * P * 2;
+  const scalar_t* msk = mask + (idx * p.group + g) * P;
+  scalar_t* goff = grad_offset + (idx * p.group + g) * P * 2;
+  scalar_t* gmsk = grad_mask + (idx * p.group + g) * P;
+  sampling_weights(msk, P, p.softmax, weights.data());
+  for (int64_t k = 0; k < P; ++k) {
+    const acc_t x = base_x + (grid.dx[k] + widen(off[k * 2])) * scale;
+    const acc_t y = base_y + (grid.dy[k] + widen(off[k * 2 + 1])) * scale;
+    Corners<acc_t> c;
+    if (!locate(x, y, geo.height_in, geo.width_in, c)) {
+      const bool nan = !finite(x, y);
+      goff[k * 2] = goff[k * 2 + 1] = nan ? std::numeric_limits<scalar_t>::quiet_NaN() : scalar_t(0);
+      grad_weights[k] = nan ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
+      continue;
+    }
+    const acc_t m = weights[k];
+    acc_t d[4];  // <grad_output, corner value>
+    for (int corner = 0; corner < 4; ++corner) {
+      const int64_t pixel = c.pixel[corner];
+      const scalar_t* v = pixel >= 0 ? image + pixel * C : zeros.data();
+      bool in_buffer = pixel >= 0;
+      if constexpr (Banded::value) {
+        in_buffer = static_cast<uint64_t>(pixel - gi_begin) < static_cast<uint64_t>(gi_end - gi_begin);
+      }
+      acc_t* dst = in_buffer ? grad_image + (pixel - gi_begin) * gi_stride : sink.data();
+      const acc_t wc = m * c.weight[corner];
+      acc_t dot = 0;
+      for (int64_t ch = 0; ch < Cg; ++ch) {
+        dot += go[ch] * widen(v[ch]);
+        dst[ch] += wc * go[ch];
+      }
+      d[corner] = dot;
+    }
+    grad_weights[k] = c.weight[0] * d[0] + c.weight[1] * d[1] + c.weight[2] * d[2] + c.weight[3] * d[3];
+    goff[k * 2] = narrow<scalar_t>(m * (c.hy * (d[1] - d[0]) + c.ly * (d[3] - d[2])) * scale);
+    goff[k * 2 + 1] = narrow<scalar_t>(m * (c.hx * (d[2] - d[0]) + c.lx * (d[3] - d[1])) * scale);
+  }
+  // Through the softmax: d logit_k = w_k * (d w_k - sum_q w_q d w_q).
+  acc_t weighted = 0;
+  if (p.softmax) {
+    for (int64_t k = 0; k < P; ++k) weighted += weights[k] * grad_weights[k];
+  }
+  for (int64_t k = 0; k < P; ++k) {
+    gmsk[k] = narrow<scalar_t>(p.softmax ? weights[k] * (grad_weights[k] - weighted) : grad_weights[k]);
+  }
+}
+
+// The sampling points of up to kBackwardChunk consecutive output pixels of one (image, group)
+// pair, stored point-major ([k * kBackwardChunk + c] for point k of the chunk's pixel c) so
+// that each step below is a loop over the pixels that the compiler vectorises: sampling
+// weights (softmax), locations, bilinear corner weights (0 for a corner outside the image),
+// corner pixel indices (-1 outside), and after the products the <grad_output, corner>
+// dot products d0..d3 and the weight gradients.
+constexpr int64_t kBackwardChunk = 32;
+
+template <typename acc_t>
+struct BackwardPlan {
+  std::vector<acc_t> m, w0, w1, w2, w3, lx, ly, d0, d1, d2, d3, gw;
+  std::vector<int32_t> i0, i1, i2, i3, inside;
+  std::vector<acc_t> base_x, base_y, largest, total, weighted;  // per pixel
+  std::vector<int32_t> bad;  // per pixel: something not finite, backward_pixel_exact
+  explicit BackwardPlan(int64_t points) {
+    for (auto* v : {&m, &w0, &w1, &w2, &w3, &lx, &ly, &d0, &d1, &d2, &d3, &gw}) v->resize(points * kBackwardChunk);
+    for (auto* v : {&i0, &i1, &i2, &i3, &inside}) v->resize(points * kBackwardChunk);
+    for (auto* v : {&base_x, &base_y, &largest, &total, &weighted}) v->resize(kBackwardChunk);
+    bad.resize(kBackwardChunk);
+  }
+};
+
+// Plans pixels [pix0, pix0 + count) of pair (n, g); off and msk point at the first pixel's
+// values of group g. Marks as bad the pixels with a location or a sampling weight that is not
+// finite. Needs height_in * width_in < 2^31.
+template <typename scalar_t, typename acc_t>
+DCNV3_INLINE void plan_backward_chunk(const scalar_t* __restrict off, const scalar_t* __restrict msk,
+                                      int64_t pix0, int64_t count,
+                                      const Geometry& geo, const Params& p, const KernelGrid<acc_t>& grid,
+                                      BackwardPlan<acc_t>& plan) {
+  constexpr int64_t S = kBackwardChunk;
+  const int64_t P = geo.points, ostep = p.group * P * 2, mstep = p.group * P;
+  acc_t *__restrict m = plan.m.data(), *__restrict largest = plan.largest.data(),
+        *__restrict total = plan.total.data(), *__restrict bx = plan.base_x.data(),
+        *__restrict by = plan.base_y.data();
+  int32_t* __restrict bad = plan.bad.data();
+  for (int64_t c = 0; c < count; ++c) {
+    const int64_t pix = pix0 + c, ho = pix / geo.width_out, wo = pix % geo.width_out;
+    bx[c] = acc_t(wo * p.stride_w - p.pad_w + (p.dilation_w * (p.kernel_w - 1)) / 2);
+    by[c] = acc_t(ho * p.stride_h - p.pad_h + (p.dilation_h * (p.kernel_h - 1)) / 2);
+    bad[c] = 0;
+  }
+  // The sampling weights, as sampling_weights computes them (same order of operations).
+  if (p.softmax) {
+    for (int64_t c = 0; c < count; ++c) largest[c] = widen(msk[c * mstep]);
+    for (int64_t k = 1; k < P; ++k) {
+      for (int64_t c = 0; c < count; ++c) largest[c] = std::max(largest[c], widen(msk[c * mstep + k]));
+    }
+    for (int64_t c = 0; c < count; ++c) total[c] = acc_t(0);
+    for (int64_t k = 0; k < P; ++k) {
+      for (int64_t c = 0; c < count; ++c) {
+        m[k * S + c] = softmax_exp(widen(msk[c * mstep + k]) - largest[c]);
+        total[c] += m[k * S + c];
+      }
+    }
+    for (int64_t k = 0; k < P; ++k) {
+      for (int64_t c = 0; c < count; ++c) m[k * S + c] /= total[c];
+    }
+  } else {
+    for (int64_t k = 0; k < P; ++k) {
+      for (int64_t c = 0; c < count; ++c) m[k * S + c] = widen(msk[c * mstep + k]);
+    }
+  }
+  acc_t *__restrict w0 = plan.w0.data(), *__restrict w1 = plan.w1.data(), *__restrict w2 = plan.w2.data(),
+         *__restrict w3 = plan.w3.data(), *__restrict lxs = plan.lx.data(), *__restrict lys = plan.ly.data();
+  int32_t *__restrict i0 = plan.i0.data(), *__restrict i1 = plan.i1.data(), *__restrict i2 = plan.i2.data(),
+          *__restrict i3 = plan.i3.data(), *__restrict inside = plan.inside.data();
+  const acc_t scale = acc_t(p.offset_scale), width_f = acc_t(geo.width_in), height_f = acc_t(geo.height_in);
+  const int32_t width = static_cast<int32_t>(geo.width_in), height = static_cast<int32_t>(geo.height_in);
+  for (int64_t k = 0; k < P; ++k) {
+    const acc_t dx = grid.dx[k], dy = grid.dy[k];
+    // (the same arithmetic as plan_pixel; see there for the clamps and the masks)
+#pragma omp simd
+    for (int64_t c = 0; c < count; ++c) {
+      const int64_t j = k * S + c;
+      const acc_t x = bx[c] + (dx + widen(off[c * ostep + 2 * k])) * scale;
+      const acc_t y = by[c] + (dy + widen(off[c * ostep + 2 * k + 1])) * scale;
+      const acc_t mj = m[j];
+      bad[c] |= int32_t(!(x - x == acc_t(0))) | int32_t(!(y - y == acc_t(0))) | int32_t(!(mj - mj == acc_t(0)));
+      const int32_t in = int32_t(x > acc_t(-1)) & int32_t(y > acc_t(-1)) & int32_t(x < width_f) &
+                         int32_t(y < height_f);
+      const acc_t xs = std::min(width_f, std::max(acc_t(-1), x)), ys = std::min(height_f, std::max(acc_t(-1), y));
+      const acc_t xf = std::floor(xs), yf = std::floor(ys);
+      const int32_t x0 = static_cast<int32_t>(xf), y0 = static_cast<int32_t>(yf);
+      const acc_t lx = xs - xf, ly = ys - yf, hx = acc_t(1) - lx, hy = acc_t(1) - ly;
+      const int32_t top = int32_t(y0 >= 0), bottom = int32_t(y0 + 1 < height);
+      const int32_t left = int32_t(x0 >= 0), right = int32_t(x0 + 1 < width);
+      w0[j] = top & left ? hy * hx : acc_t(0);
+      w1[j] = top & right ? hy * lx : acc_t(0);
+      w2[j] = bottom & left ? ly * hx : acc_t(0);
+      w3[j] = bottom & right ? ly * lx : acc_t(0);
+      i0[j] = top & left ? y0 * width + x0 : -1;
+      i1[j] = top & right ? y0 * width + x0 + 1 : -1;
+      i2[j] = bottom & left ? (y0 + 1) * width + x0 : -1;
+      i3[j] = bottom & right ? (y0 + 1) * width + x0 + 1 : -1;
+      lxs[j] = lx;
+      lys[j] = ly;
+      inside[j] = in;
+    }
+  }
+}
+
+// Backward for one (n, g) pair and output pixels [pix_begin, pix_end) of its image, in
+// chunks of kBackwardChunk pixels: plan the chunk (plan_backward_chunk), then for each pixel
+// and point the dot products of grad_output with the four corners and the scatter of
+// grad_output into the corners' grad_input, then the offset and mask gradients of the chunk
+// in loops over its pixels; pixels with something not finite go through
+// backward_pixel_exact. grad_input is accumulated into `grad_image` (pixel stride
+// `gi_stride`), which this call owns exclusively: no two tasks write the same memory. Without
+// bands (Banded = std::false_type) it is the pair's whole image. A band's buffer
+// (std::true_type) holds input pixels [gi_begin, gi_end) (index y * W + x) only, and corners
+// outside them are dropped: the caller sizes the buffer to cover every pixel the points
+// reach, and the check keeps a mistake there from writing out of bounds.
 template <typename scalar_t, int CG, typename Banded>
 DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const scalar_t* __restrict input,
                                 const scalar_t* __restrict offset, const scalar_t* __restrict mask,
@@ -459,12 +634,13 @@ DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const sc
                                 scalar_t* __restrict grad_mask, const Geometry& geo, const Params& p,
                                 int64_t n, int64_t g, int64_t pix_begin, int64_t pix_end, Banded) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t S = kBackwardChunk;
   const KernelGrid<acc_t> grid(p);
   const int64_t P = geo.points, Cg = CG > 0 ? CG : p.group_channels, C = geo.channels;
+  const int64_t hw_out = geo.height_out * geo.width_out, ostep = p.group * P * 2, mstep = p.group * P;
   const acc_t scale = acc_t(p.offset_scale);
   const std::vector<scalar_t> zeros(Cg, scalar_t(0));
   std::vector<acc_t> sink(Cg);  // write target for corners outside the image or the range
-  std::vector<acc_t> weights(P), grad_weights(P);
   // grad_output of one (pixel, group) in float32: `go` in channel order, and for bfloat16
   // with an even count also `go_pairs`, even channels then odd ones, for the dot products
   // with corner values read in pairs (see forward_pixels).
@@ -476,114 +652,138 @@ DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const sc
   const bool pairs = kBf16 && Cg % 2 == 0;
   const int64_t half = Cg / 2;
   const scalar_t* image = input + n * geo.height_in * geo.width_in * C + g * Cg;
-  for (int64_t pix = pix_begin; pix < pix_end; ++pix) {
-    const int64_t idx = n * geo.height_out * geo.width_out + pix;
-    const int64_t ho = pix / geo.width_out, wo = pix % geo.width_out;
-    const acc_t base_x = acc_t(wo * p.stride_w - p.pad_w + (p.dilation_w * (p.kernel_w - 1)) / 2);
-    const acc_t base_y = acc_t(ho * p.stride_h - p.pad_h + (p.dilation_h * (p.kernel_h - 1)) / 2);
-    // grad_output of this (pixel, group), widened once: it is read 8 times per point.
-    const scalar_t* __restrict go_in = grad_output + idx * C + g * Cg;
-    for (int64_t ch = 0; ch < Cg; ++ch) go[ch] = widen(go_in[ch]);
-    if (pairs) {
-      for (int64_t i = 0; i < half; ++i) {
-        go_pairs[i] = go[2 * i];
-        go_pairs[half + i] = go[2 * i + 1];
+  // int32 pixel indices in the plan: larger images go point by point.
+  const bool plannable = geo.height_in * geo.width_in < (int64_t(1) << 31);
+  BackwardPlan<acc_t> plan(plannable ? P : 0);
+  for (int64_t pix0 = pix_begin; pix0 < pix_end; pix0 += S) {
+    const int64_t count = std::min(S, pix_end - pix0), idx0 = n * hw_out + pix0;
+    if (!plannable) {
+      for (int64_t pix = pix0; pix < pix0 + count; ++pix) {
+        backward_pixel_exact(grad_output, image, offset, mask, grad_image, gi_stride, gi_begin, gi_end,
+                             grad_offset, grad_mask, geo, p, grid, n, g, pix, Banded{});
       }
+      continue;
     }
-    const scalar_t* off = offset + (idx * p.group + g) * P * 2;
-    const scalar_t* msk = mask + (idx * p.group + g) * P;
-    scalar_t* goff = grad_offset + (idx * p.group + g) * P * 2;
-    scalar_t* gmsk = grad_mask + (idx * p.group + g) * P;
-    sampling_weights(msk, P, p.softmax, weights.data());
-    int64_t misses = 0;
-    for (int64_t k = 0; k < P; ++k) {
-      const acc_t x = base_x + (grid.dx[k] + widen(off[k * 2])) * scale;
-      const acc_t y = base_y + (grid.dy[k] + widen(off[k * 2 + 1])) * scale;
-      Corners<acc_t> c;
-      if (!locate(x, y, geo.height_in, geo.width_in, c)) {
-        goff[k * 2] = goff[k * 2 + 1] = scalar_t(0);
-        grad_weights[k] = 0;
-        ++misses;
-        continue;
-      }
-      const acc_t m = weights[k];
-      const scalar_t* v[4];
-      acc_t* gi[4];
-      acc_t w[4];
-      for (int corner = 0; corner < 4; ++corner) {
-        const int64_t pixel = c.pixel[corner];
-        const bool inside = pixel >= 0;
-        v[corner] = inside ? image + pixel * C : zeros.data();
-        if constexpr (Banded::value) {
-          // One unsigned comparison: also false for pixel == -1 (outside the image).
-          const bool in_buffer =
-              static_cast<uint64_t>(pixel - gi_begin) < static_cast<uint64_t>(gi_end - gi_begin);
-          gi[corner] = in_buffer ? grad_image + (pixel - gi_begin) * gi_stride : sink.data();
-        } else {
-          gi[corner] = inside ? grad_image + pixel * gi_stride : sink.data();
+    plan_backward_chunk(offset + (idx0 * p.group + g) * P * 2, mask + (idx0 * p.group + g) * P, pix0, count, geo,
+                        p, grid, plan);
+    for (int64_t c = 0; c < count; ++c) {
+      if (plan.bad[c]) continue;
+      // grad_output of this (pixel, group), widened once: it is read 8 times per point.
+      const scalar_t* __restrict go_in = grad_output + (idx0 + c) * C + g * Cg;
+      for (int64_t ch = 0; ch < Cg; ++ch) go[ch] = widen(go_in[ch]);
+      if (pairs) {
+        for (int64_t i = 0; i < half; ++i) {
+          go_pairs[i] = go[2 * i];
+          go_pairs[half + i] = go[2 * i + 1];
         }
-        w[corner] = m * c.weight[corner];
       }
-      const scalar_t *__restrict v0 = v[0], *__restrict v1 = v[1], *__restrict v2 = v[2],
-                                 *__restrict v3 = v[3];
-      acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;  // <grad_output, corner value>
-      bool done = false;
-      if constexpr (kBf16) {
-        if (pairs) {
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-          for (int64_t i = 0; i < half; ++i) {
-            const acc_t ge = go_pairs[i], gd = go_pairs[half + i];
-            const uint32_t u0 = channel_pair(v0, i), u1 = channel_pair(v1, i), u2 = channel_pair(v2, i),
-                           u3 = channel_pair(v3, i);
-            d0 += ge * bits_to_float(u0 << 16) + gd * bits_to_float(u0 & 0xffff0000u);
-            d1 += ge * bits_to_float(u1 << 16) + gd * bits_to_float(u1 & 0xffff0000u);
-            d2 += ge * bits_to_float(u2 << 16) + gd * bits_to_float(u2 & 0xffff0000u);
-            d3 += ge * bits_to_float(u3 << 16) + gd * bits_to_float(u3 & 0xffff0000u);
+      for (int64_t j = c; j < P * S; j += S) {
+        if (!plan.inside[j]) {
+          plan.d0[j] = plan.d1[j] = plan.d2[j] = plan.d3[j] = acc_t(0);
+          continue;
+        }
+        const int32_t corner_pixel[4] = {plan.i0[j], plan.i1[j], plan.i2[j], plan.i3[j]};
+        const acc_t mj = plan.m[j];
+        const acc_t w[4] = {mj * plan.w0[j], mj * plan.w1[j], mj * plan.w2[j], mj * plan.w3[j]};
+        const scalar_t* v[4];
+        acc_t* gi[4];
+        for (int corner = 0; corner < 4; ++corner) {
+          const int64_t pixel = corner_pixel[corner];
+          v[corner] = pixel >= 0 ? image + pixel * C : zeros.data();
+          if constexpr (Banded::value) {
+            // One unsigned comparison: also false for pixel == -1 (outside the image).
+            const bool in_buffer =
+                static_cast<uint64_t>(pixel - gi_begin) < static_cast<uint64_t>(gi_end - gi_begin);
+            gi[corner] = in_buffer ? grad_image + (pixel - gi_begin) * gi_stride : sink.data();
+          } else {
+            gi[corner] = pixel >= 0 ? grad_image + pixel * gi_stride : sink.data();
           }
-          done = true;
         }
-      }
-      if (!done) {
+        const scalar_t *__restrict v0 = v[0], *__restrict v1 = v[1], *__restrict v2 = v[2],
+                                   *__restrict v3 = v[3];
+        acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;  // <grad_output, corner value>
+        bool done = false;
+        if constexpr (kBf16) {
+          if (pairs) {
 #pragma omp simd reduction(+ : d0, d1, d2, d3)
-        for (int64_t ch = 0; ch < Cg; ++ch) {
-          const acc_t gch = go[ch];
-          d0 += gch * widen(v0[ch]);
-          d1 += gch * widen(v1[ch]);
-          d2 += gch * widen(v2[ch]);
-          d3 += gch * widen(v3[ch]);
+            for (int64_t i = 0; i < half; ++i) {
+              const acc_t ge = go_pairs[i], gd = go_pairs[half + i];
+              const uint32_t u0 = channel_pair(v0, i), u1 = channel_pair(v1, i), u2 = channel_pair(v2, i),
+                             u3 = channel_pair(v3, i);
+              d0 += ge * bits_to_float(u0 << 16) + gd * bits_to_float(u0 & 0xffff0000u);
+              d1 += ge * bits_to_float(u1 << 16) + gd * bits_to_float(u1 & 0xffff0000u);
+              d2 += ge * bits_to_float(u2 << 16) + gd * bits_to_float(u2 & 0xffff0000u);
+              d3 += ge * bits_to_float(u3 << 16) + gd * bits_to_float(u3 & 0xffff0000u);
+            }
+            done = true;
+          }
         }
+        if (!done) {
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+          for (int64_t ch = 0; ch < Cg; ++ch) {
+            const acc_t gch = go[ch];
+            d0 += gch * widen(v0[ch]);
+            d1 += gch * widen(v1[ch]);
+            d2 += gch * widen(v2[ch]);
+            d3 += gch * widen(v3[ch]);
+          }
+        }
+        // Corners may coincide with the sink only, never with each other, so these
+        // four updates are independent.
+        for (int corner = 0; corner < 4; ++corner) {
+          acc_t* __restrict dst = gi[corner];
+          const acc_t wc = w[corner];
+          for (int64_t ch = 0; ch < Cg; ++ch) dst[ch] += wc * go[ch];
+        }
+        plan.d0[j] = d0;
+        plan.d1[j] = d1;
+        plan.d2[j] = d2;
+        plan.d3[j] = d3;
       }
-      // Corners may coincide with the sink only, never with each other, so these
-      // four updates are independent.
-      for (int corner = 0; corner < 4; ++corner) {
-        acc_t* __restrict dst = gi[corner];
-        const acc_t wc = w[corner];
-        for (int64_t ch = 0; ch < Cg; ++ch) dst[ch] += wc * go[ch];
-      }
-      grad_weights[k] = c.weight[0] * d0 + c.weight[1] * d1 + c.weight[2] * d2 + c.weight[3] * d3;
-      const acc_t grad_x = m * (c.hy * (d1 - d0) + c.ly * (d3 - d2));
-      const acc_t grad_y = m * (c.hx * (d2 - d0) + c.lx * (d3 - d1));
-      goff[k * 2] = narrow<scalar_t>(grad_x * scale);
-      goff[k * 2 + 1] = narrow<scalar_t>(grad_y * scale);
     }
-    // A location that is not finite gets NaN gradients. Checked in a loop of its own, run
-    // only when a point missed the box: as a branch in the loop above it made the whole
-    // backward ~25% slower (GCC 12 then vectorised the channel loops worse).
-    for (int64_t k = 0; k < P && misses > 0; ++k) {
-      const acc_t x = base_x + (grid.dx[k] + widen(off[k * 2])) * scale;
-      const acc_t y = base_y + (grid.dy[k] + widen(off[k * 2 + 1])) * scale;
-      if (!finite(x, y)) {
-        goff[k * 2] = goff[k * 2 + 1] = std::numeric_limits<scalar_t>::quiet_NaN();
-        grad_weights[k] = std::numeric_limits<acc_t>::quiet_NaN();
+    // Offset and weight gradients of the chunk's points (a point outside the box: 0).
+    scalar_t* __restrict goff = grad_offset + (idx0 * p.group + g) * P * 2;
+    const acc_t *__restrict m = plan.m.data(), *__restrict w0 = plan.w0.data(), *__restrict w1 = plan.w1.data(),
+                            *__restrict w2 = plan.w2.data(), *__restrict w3 = plan.w3.data(),
+                            *__restrict lxs = plan.lx.data(), *__restrict lys = plan.ly.data(),
+                            *__restrict d0 = plan.d0.data(), *__restrict d1 = plan.d1.data(),
+                            *__restrict d2 = plan.d2.data(), *__restrict d3 = plan.d3.data();
+    const int32_t* __restrict inside = plan.inside.data();
+    acc_t* __restrict gw = plan.gw.data();
+    for (int64_t k = 0; k < P; ++k) {
+      for (int64_t c = 0; c < count; ++c) {
+        const int64_t j = k * S + c;
+        const acc_t lx = lxs[j], ly = lys[j], hx = acc_t(1) - lx, hy = acc_t(1) - ly;
+        const acc_t grad_x = m[j] * (hy * (d1[j] - d0[j]) + ly * (d3[j] - d2[j]));
+        const acc_t grad_y = m[j] * (hx * (d2[j] - d0[j]) + lx * (d3[j] - d1[j]));
+        const bool in = inside[j] != 0;
+        gw[j] = in ? w0[j] * d0[j] + w1[j] * d1[j] + w2[j] * d2[j] + w3[j] * d3[j] : acc_t(0);
+        goff[c * ostep + 2 * k] = in ? narrow<scalar_t>(grad_x * scale) : scalar_t(0);
+        goff[c * ostep + 2 * k + 1] = in ? narrow<scalar_t>(grad_y * scale) : scalar_t(0);
       }
     }
     // Through the softmax: d logit_k = w_k * (d w_k - sum_q w_q d w_q).
-    acc_t weighted = 0;
+    scalar_t* __restrict gmsk = grad_mask + (idx0 * p.group + g) * P;
+    acc_t* __restrict weighted = plan.weighted.data();
     if (p.softmax) {
-      for (int64_t k = 0; k < P; ++k) weighted += weights[k] * grad_weights[k];
+      for (int64_t c = 0; c < count; ++c) weighted[c] = acc_t(0);
+      for (int64_t k = 0; k < P; ++k) {
+        for (int64_t c = 0; c < count; ++c) weighted[c] += m[k * S + c] * gw[k * S + c];
+      }
+      for (int64_t k = 0; k < P; ++k) {
+        for (int64_t c = 0; c < count; ++c) {
+          gmsk[c * mstep + k] = narrow<scalar_t>(m[k * S + c] * (gw[k * S + c] - weighted[c]));
+        }
+      }
+    } else {
+      for (int64_t k = 0; k < P; ++k) {
+        for (int64_t c = 0; c < count; ++c) gmsk[c * mstep + k] = narrow<scalar_t>(gw[k * S + c]);
+      }
     }
-    for (int64_t k = 0; k < P; ++k) {
-      gmsk[k] = narrow<scalar_t>(p.softmax ? weights[k] * (grad_weights[k] - weighted) : grad_weights[k]);
+    for (int64_t c = 0; c < count; ++c) {
+      if (!plan.bad[c]) continue;
+      backward_pixel_exact(grad_output, image, offset, mask, grad_image, gi_stride, gi_begin, gi_end,
+                           grad_offset, grad_mask, geo, p, grid, n, g, pix0 + c, Banded{});
     }
   }
 }
