@@ -45,16 +45,51 @@
 #if defined(__GNUC__) && defined(__x86_64__)
 #define DCNV3_X86_DISPATCH 1
 #define DCNV3_INLINE inline __attribute__((always_inline))
+#define DCNV3_NOINLINE __attribute__((noinline))
 #define DCNV3_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define DCNV3_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")))
 #else
 #define DCNV3_X86_DISPATCH 0
 #define DCNV3_INLINE inline
+#define DCNV3_NOINLINE
 #endif
 
 namespace ops_dcnv3 {
 namespace {
+
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// One copy of each kernel per instruction set (see "Instruction sets" below):
+// DCNV3_DEFINE_ISA_VARIANTS(kernel) defines kernel_baseline, kernel_avx2, kernel_avx512 and
+// kernel_dispatch(isa, ...). The op reads the chosen set once per call and passes it on.
+#define DCNV3_DEFINE_ISA_VARIANTS(kernel)                                               \
+  template <typename scalar_t, int CG, typename... Args>                                \
+  DCNV3_NOINLINE void kernel##_baseline(Args... args) {                                 \
+    kernel<scalar_t, CG>(args...);                                                      \
+  }                                                                                     \
+  DCNV3_ISA_VARIANT(kernel, avx2, DCNV3_TARGET_AVX2)                                    \
+  DCNV3_ISA_VARIANT(kernel, avx512, DCNV3_TARGET_AVX512)                                \
+  template <typename scalar_t, int CG, typename... Args>                                \
+  void kernel##_dispatch(Isa isa, Args... args) {                                       \
+    DCNV3_ISA_CALL(kernel, args)                                                        \
+    kernel##_baseline<scalar_t, CG>(args...);                                           \
+  }
+
+#if DCNV3_X86_DISPATCH
+#define DCNV3_ISA_VARIANT(kernel, isa, target)                                          \
+  template <typename scalar_t, int CG, typename... Args>                                \
+  DCNV3_NOINLINE target void kernel##_##isa(Args... args) {                             \
+    kernel<scalar_t, CG>(args...);                                                      \
+  }
+#define DCNV3_ISA_CALL(kernel, args)                                                    \
+  if (isa == Isa::kAvx512) return kernel##_avx512<scalar_t, CG>(args...);               \
+  if (isa == Isa::kAvx2) return kernel##_avx2<scalar_t, CG>(args...);
+#else
+#define DCNV3_ISA_VARIANT(kernel, isa, target)
+#define DCNV3_ISA_CALL(kernel, args)
+#endif
+
 
 // float32 value of a kernel input. The 16-bit types are widened with integer and float
 // operations that the compiler vectorises in the channel loops: bfloat16 is the high half
@@ -537,12 +572,16 @@ struct BackwardPlan {
 
 // Plans pixels [pix0, pix0 + count) of pair (n, g); off and msk point at the first pixel's
 // values of group g. Marks as bad the pixels with a location or a sampling weight that is not
-// finite. Needs height_in * width_in < 2^31.
-template <typename scalar_t, typename acc_t>
+// finite. Needs height_in * width_in < 2^31. CG is not used: this and finish_backward_chunk
+// are compiled once per type and instruction set, not for every copy of backward_task.
+template <typename scalar_t, int CG, typename acc_t = at::opmath_type<scalar_t>>
 DCNV3_INLINE void plan_backward_chunk(const scalar_t* __restrict off, const scalar_t* __restrict msk,
-                                      int64_t pix0, int64_t count,
-                                      const Geometry& geo, const Params& p, const KernelGrid<acc_t>& grid,
-                                      BackwardPlan<acc_t>& plan) {
+                                      int64_t pix0, int64_t count, const Geometry* geo_, const Params* p_,
+                                      const KernelGrid<acc_t>* grid_, BackwardPlan<acc_t>* plan_) {
+  const Geometry& geo = *geo_;
+  const Params& p = *p_;
+  const KernelGrid<acc_t>& grid = *grid_;
+  BackwardPlan<acc_t>& plan = *plan_;
   constexpr int64_t S = kBackwardChunk;
   const int64_t P = geo.points, ostep = p.group * P * 2, mstep = p.group * P;
   acc_t *__restrict m = plan.m.data(), *__restrict largest = plan.largest.data(),
@@ -615,6 +654,58 @@ DCNV3_INLINE void plan_backward_chunk(const scalar_t* __restrict off, const scal
   }
 }
 
+// The offset and mask gradients of a planned chunk from the dot products of backward_task
+// (goff and gmsk: those of the chunk's first pixel, group g), in loops over the pixels.
+template <typename scalar_t, int CG, typename acc_t = at::opmath_type<scalar_t>>
+DCNV3_INLINE void finish_backward_chunk(scalar_t* __restrict goff, scalar_t* __restrict gmsk, int64_t count,
+                                        const Geometry* geo, const Params* p_, BackwardPlan<acc_t>* plan_) {
+  constexpr int64_t S = kBackwardChunk;
+  const Params& p = *p_;
+  BackwardPlan<acc_t>& plan = *plan_;
+  const int64_t P = geo->points, ostep = p.group * P * 2, mstep = p.group * P;
+  const acc_t scale = acc_t(p.offset_scale);
+  // Offset and weight gradients of the chunk's points (a point outside the box: 0).
+  const acc_t *__restrict m = plan.m.data(), *__restrict w0 = plan.w0.data(), *__restrict w1 = plan.w1.data(),
+                          *__restrict w2 = plan.w2.data(), *__restrict w3 = plan.w3.data(),
+                          *__restrict lxs = plan.lx.data(), *__restrict lys = plan.ly.data(),
+                          *__restrict d0 = plan.d0.data(), *__restrict d1 = plan.d1.data(),
+                          *__restrict d2 = plan.d2.data(), *__restrict d3 = plan.d3.data();
+  const int32_t* __restrict inside = plan.inside.data();
+  acc_t* __restrict gw = plan.gw.data();
+  for (int64_t k = 0; k < P; ++k) {
+    for (int64_t c = 0; c < count; ++c) {
+      const int64_t j = k * S + c;
+      const acc_t lx = lxs[j], ly = lys[j], hx = acc_t(1) - lx, hy = acc_t(1) - ly;
+      const acc_t grad_x = m[j] * (hy * (d1[j] - d0[j]) + ly * (d3[j] - d2[j]));
+      const acc_t grad_y = m[j] * (hx * (d2[j] - d0[j]) + lx * (d3[j] - d1[j]));
+      const bool in = inside[j] != 0;
+      gw[j] = in ? w0[j] * d0[j] + w1[j] * d1[j] + w2[j] * d2[j] + w3[j] * d3[j] : acc_t(0);
+      goff[c * ostep + 2 * k] = in ? narrow<scalar_t>(grad_x * scale) : scalar_t(0);
+      goff[c * ostep + 2 * k + 1] = in ? narrow<scalar_t>(grad_y * scale) : scalar_t(0);
+    }
+  }
+  // Through the softmax: d logit_k = w_k * (d w_k - sum_q w_q d w_q).
+  acc_t* __restrict weighted = plan.weighted.data();
+  if (p.softmax) {
+    for (int64_t c = 0; c < count; ++c) weighted[c] = acc_t(0);
+    for (int64_t k = 0; k < P; ++k) {
+      for (int64_t c = 0; c < count; ++c) weighted[c] += m[k * S + c] * gw[k * S + c];
+    }
+    for (int64_t k = 0; k < P; ++k) {
+      for (int64_t c = 0; c < count; ++c) {
+        gmsk[c * mstep + k] = narrow<scalar_t>(m[k * S + c] * (gw[k * S + c] - weighted[c]));
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < P; ++k) {
+      for (int64_t c = 0; c < count; ++c) gmsk[c * mstep + k] = narrow<scalar_t>(gw[k * S + c]);
+    }
+  }
+}
+
+DCNV3_DEFINE_ISA_VARIANTS(plan_backward_chunk)
+DCNV3_DEFINE_ISA_VARIANTS(finish_backward_chunk)
+
 // Backward for one (n, g) pair and output pixels [pix_begin, pix_end) of its image, in
 // chunks of kBackwardChunk pixels: plan the chunk (plan_backward_chunk), then for each pixel
 // and point the dot products of grad_output with the four corners and the scatter of
@@ -632,13 +723,12 @@ DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const sc
                                 at::opmath_type<scalar_t>* __restrict grad_image, int64_t gi_stride,
                                 int64_t gi_begin, int64_t gi_end, scalar_t* __restrict grad_offset,
                                 scalar_t* __restrict grad_mask, const Geometry& geo, const Params& p,
-                                int64_t n, int64_t g, int64_t pix_begin, int64_t pix_end, Banded) {
+                                int64_t n, int64_t g, int64_t pix_begin, int64_t pix_end, Banded, Isa isa) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t S = kBackwardChunk;
   const KernelGrid<acc_t> grid(p);
   const int64_t P = geo.points, Cg = CG > 0 ? CG : p.group_channels, C = geo.channels;
-  const int64_t hw_out = geo.height_out * geo.width_out, ostep = p.group * P * 2, mstep = p.group * P;
-  const acc_t scale = acc_t(p.offset_scale);
+  const int64_t hw_out = geo.height_out * geo.width_out;
   const std::vector<scalar_t> zeros(Cg, scalar_t(0));
   std::vector<acc_t> sink(Cg);  // write target for corners outside the image or the range
   // grad_output of one (pixel, group) in float32: `go` in channel order, and for bfloat16
@@ -664,8 +754,8 @@ DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const sc
       }
       continue;
     }
-    plan_backward_chunk(offset + (idx0 * p.group + g) * P * 2, mask + (idx0 * p.group + g) * P, pix0, count, geo,
-                        p, grid, plan);
+    plan_backward_chunk_dispatch<scalar_t, 0>(isa, offset + (idx0 * p.group + g) * P * 2,
+                                              mask + (idx0 * p.group + g) * P, pix0, count, &geo, &p, &grid, &plan);
     for (int64_t c = 0; c < count; ++c) {
       if (plan.bad[c]) continue;
       // grad_output of this (pixel, group), widened once: it is read 8 times per point.
@@ -741,45 +831,8 @@ DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const sc
         plan.d3[j] = d3;
       }
     }
-    // Offset and weight gradients of the chunk's points (a point outside the box: 0).
-    scalar_t* __restrict goff = grad_offset + (idx0 * p.group + g) * P * 2;
-    const acc_t *__restrict m = plan.m.data(), *__restrict w0 = plan.w0.data(), *__restrict w1 = plan.w1.data(),
-                            *__restrict w2 = plan.w2.data(), *__restrict w3 = plan.w3.data(),
-                            *__restrict lxs = plan.lx.data(), *__restrict lys = plan.ly.data(),
-                            *__restrict d0 = plan.d0.data(), *__restrict d1 = plan.d1.data(),
-                            *__restrict d2 = plan.d2.data(), *__restrict d3 = plan.d3.data();
-    const int32_t* __restrict inside = plan.inside.data();
-    acc_t* __restrict gw = plan.gw.data();
-    for (int64_t k = 0; k < P; ++k) {
-      for (int64_t c = 0; c < count; ++c) {
-        const int64_t j = k * S + c;
-        const acc_t lx = lxs[j], ly = lys[j], hx = acc_t(1) - lx, hy = acc_t(1) - ly;
-        const acc_t grad_x = m[j] * (hy * (d1[j] - d0[j]) + ly * (d3[j] - d2[j]));
-        const acc_t grad_y = m[j] * (hx * (d2[j] - d0[j]) + lx * (d3[j] - d1[j]));
-        const bool in = inside[j] != 0;
-        gw[j] = in ? w0[j] * d0[j] + w1[j] * d1[j] + w2[j] * d2[j] + w3[j] * d3[j] : acc_t(0);
-        goff[c * ostep + 2 * k] = in ? narrow<scalar_t>(grad_x * scale) : scalar_t(0);
-        goff[c * ostep + 2 * k + 1] = in ? narrow<scalar_t>(grad_y * scale) : scalar_t(0);
-      }
-    }
-    // Through the softmax: d logit_k = w_k * (d w_k - sum_q w_q d w_q).
-    scalar_t* __restrict gmsk = grad_mask + (idx0 * p.group + g) * P;
-    acc_t* __restrict weighted = plan.weighted.data();
-    if (p.softmax) {
-      for (int64_t c = 0; c < count; ++c) weighted[c] = acc_t(0);
-      for (int64_t k = 0; k < P; ++k) {
-        for (int64_t c = 0; c < count; ++c) weighted[c] += m[k * S + c] * gw[k * S + c];
-      }
-      for (int64_t k = 0; k < P; ++k) {
-        for (int64_t c = 0; c < count; ++c) {
-          gmsk[c * mstep + k] = narrow<scalar_t>(m[k * S + c] * (gw[k * S + c] - weighted[c]));
-        }
-      }
-    } else {
-      for (int64_t k = 0; k < P; ++k) {
-        for (int64_t c = 0; c < count; ++c) gmsk[c * mstep + k] = narrow<scalar_t>(gw[k * S + c]);
-      }
-    }
+    finish_backward_chunk_dispatch<scalar_t, 0>(isa, grad_offset + (idx0 * p.group + g) * P * 2,
+                                                grad_mask + (idx0 * p.group + g) * P, count, &geo, &p, &plan);
     for (int64_t c = 0; c < count; ++c) {
       if (!plan.bad[c]) continue;
       backward_pixel_exact(grad_output, image, offset, mask, grad_image, gi_stride, gi_begin, gi_end,
@@ -796,7 +849,6 @@ DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const sc
 // tools/benchmark_dcnv3.py --isa all times every copy the CPU can run.
 // DCNV3_CPU_ISA=baseline|avx2|avx512|auto forces a copy for the whole process; a copy the
 // CPU cannot run is an error at the first call, never an illegal instruction.
-enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512"};
 
 bool cpu_supports(Isa isa) {
@@ -865,35 +917,6 @@ std::string set_cpu_isa(const std::string& name) {
   const int previous = g_isa.exchange(int(isa));
   return previous < 0 ? std::string("auto") : std::string(kIsaNames[previous]);
 }
-
-// One copy of each kernel per instruction set; `kernel` is forward_pixels or backward_task.
-// The op reads the chosen set once per call and passes it to every chunk.
-#define DCNV3_DEFINE_ISA_VARIANTS(kernel)                                               \
-  template <typename scalar_t, int CG, typename... Args>                                \
-  void kernel##_baseline(Args... args) {                                                \
-    kernel<scalar_t, CG>(args...);                                                      \
-  }                                                                                     \
-  DCNV3_ISA_VARIANT(kernel, avx2, DCNV3_TARGET_AVX2)                                    \
-  DCNV3_ISA_VARIANT(kernel, avx512, DCNV3_TARGET_AVX512)                                \
-  template <typename scalar_t, int CG, typename... Args>                                \
-  void kernel##_dispatch(Isa isa, Args... args) {                                       \
-    DCNV3_ISA_CALL(kernel, args)                                                        \
-    kernel##_baseline<scalar_t, CG>(args...);                                           \
-  }
-
-#if DCNV3_X86_DISPATCH
-#define DCNV3_ISA_VARIANT(kernel, isa, target)                                          \
-  template <typename scalar_t, int CG, typename... Args>                                \
-  target void kernel##_##isa(Args... args) {                                            \
-    kernel<scalar_t, CG>(args...);                                                      \
-  }
-#define DCNV3_ISA_CALL(kernel, args)                                                    \
-  if (isa == Isa::kAvx512) return kernel##_avx512<scalar_t, CG>(args...);               \
-  if (isa == Isa::kAvx2) return kernel##_avx2<scalar_t, CG>(args...);
-#else
-#define DCNV3_ISA_VARIANT(kernel, isa, target)
-#define DCNV3_ISA_CALL(kernel, args)
-#endif
 
 DCNV3_DEFINE_ISA_VARIANTS(forward_pixels)
 DCNV3_DEFINE_ISA_VARIANTS(backward_task)
@@ -1105,7 +1128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
               const int64_t n = pair / group, g = pair % group;
               backward_task_dispatch<scalar_t, decltype(cg)::value>(
                   isa, go, in, off, msk, gin + n * hw_in * geo.channels + g * group_channels, geo.channels,
-                  int64_t(0), hw_in, goff, gmsk, geo, p, n, g, int64_t(0), hw_out, std::false_type{});
+                  int64_t(0), hw_in, goff, gmsk, geo, p, n, g, int64_t(0), hw_out, std::false_type{}, isa);
             }
           });
         });
@@ -1122,7 +1145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
             std::fill(scratch.begin(), scratch.end(), acc_t(0));
             backward_task_dispatch<scalar_t, decltype(cg)::value>(
                 isa, go, in, off, msk, scratch.data(), group_channels, int64_t(0), hw_in, goff, gmsk, geo, p, n,
-                g, int64_t(0), hw_out, std::false_type{});
+                g, int64_t(0), hw_out, std::false_type{}, isa);
             scalar_t* dst = gin + n * hw_in * geo.channels + g * group_channels;
             for (int64_t pixel = 0; pixel < hw_in; ++pixel) {
               for (int64_t ch = 0; ch < group_channels; ++ch) {
@@ -1150,7 +1173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
           backward_task_dispatch<scalar_t, decltype(cg)::value>(
               isa, go, in, off, msk, partial_base + bands.start[task] * row_size, group_channels,
               bands.lo[task] * geo.width_in, bands.hi[task] * geo.width_in, goff, gmsk, geo, p, n, g,
-              rows_begin * geo.width_out, rows_end * geo.width_out, std::true_type{});
+              rows_begin * geo.width_out, rows_end * geo.width_out, std::true_type{}, isa);
         }
       });
     });
