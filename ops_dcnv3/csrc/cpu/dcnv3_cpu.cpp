@@ -623,7 +623,9 @@ DCNV3_INLINE void plan_backward_chunk(const scalar_t* __restrict off, const scal
   const int32_t width = static_cast<int32_t>(geo.width_in), height = static_cast<int32_t>(geo.height_in);
   for (int64_t k = 0; k < P; ++k) {
     const acc_t dx = grid.dx[k], dy = grid.dy[k];
-    // (the same arithmetic as plan_pixel; see there for the clamps and the masks)
+    // The same arithmetic as plan_pixel (see there for the clamps and the masks), written out
+    // again: with it in a shared inline function returning a struct, GCC 12 no longer
+    // vectorised this loop.
 #pragma omp simd
     for (int64_t c = 0; c < count; ++c) {
       const int64_t j = k * S + c;
