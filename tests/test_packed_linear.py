@@ -81,6 +81,14 @@ def test_plain_path_where_packing_does_not_apply(monkeypatch):
             assert not packed_linear._usable(layer, x)
         assert packed_linear._usable(layer, x) == packed_linear.AVAILABLE
         assert packed_linear._usable(layer.bfloat16(), x.bfloat16()) == packed_linear.BF16_AVAILABLE
+    made_before = torch.nn.Linear(16, 8)
+    with torch.inference_mode():
+        # weights made under inference_mode: no version counter, so no cached packed copy;
+        # the plain layer, not a packing at every call
+        made_here = torch.nn.Linear(16, 8)
+        assert not packed_linear._usable(made_here, x)
+        assert packed_linear._usable(made_before, x) == packed_linear.AVAILABLE
+        assert packed_linear.inference_dtype([made_here], [made_here.weight], x) is None
 
 
 @needs_onednn
