@@ -553,17 +553,19 @@ void backward_pixel_exact(const scalar_t* grad_output, const scalar_t* image, co
 // that each step below is a loop over the pixels that the compiler vectorises: sampling
 // weights (softmax), locations, bilinear corner weights (0 for a corner outside the image),
 // corner pixel indices (-1 outside), and after the products the <grad_output, corner>
-// dot products d0..d3 and the weight gradients.
+// dot products d0..d3, the weight gradients and the offset gradients.
 constexpr int64_t kBackwardChunk = 32;
 
 template <typename acc_t>
 struct BackwardPlan {
-  std::vector<acc_t> m, w0, w1, w2, w3, lx, ly, d0, d1, d2, d3, gw;
+  std::vector<acc_t> m, w0, w1, w2, w3, lx, ly, d0, d1, d2, d3, gw, gx, gy;
   std::vector<int32_t> i0, i1, i2, i3, inside;
   std::vector<acc_t> base_x, base_y, largest, total, weighted;  // per pixel
   std::vector<int32_t> bad;  // per pixel: something not finite, backward_pixel_exact
   explicit BackwardPlan(int64_t points) {
-    for (auto* v : {&m, &w0, &w1, &w2, &w3, &lx, &ly, &d0, &d1, &d2, &d3, &gw}) v->resize(points * kBackwardChunk);
+    for (auto* v : {&m, &w0, &w1, &w2, &w3, &lx, &ly, &d0, &d1, &d2, &d3, &gw, &gx, &gy}) {
+      v->resize(points * kBackwardChunk);
+    }
     for (auto* v : {&i0, &i1, &i2, &i3, &inside}) v->resize(points * kBackwardChunk);
     for (auto* v : {&base_x, &base_y, &largest, &total, &weighted}) v->resize(kBackwardChunk);
     bad.resize(kBackwardChunk);
@@ -673,8 +675,11 @@ DCNV3_INLINE void finish_backward_chunk(scalar_t* __restrict goff, scalar_t* __r
                           *__restrict d0 = plan.d0.data(), *__restrict d1 = plan.d1.data(),
                           *__restrict d2 = plan.d2.data(), *__restrict d3 = plan.d3.data();
   const int32_t* __restrict inside = plan.inside.data();
-  acc_t* __restrict gw = plan.gw.data();
+  acc_t *__restrict gw = plan.gw.data(), *__restrict gx = plan.gx.data(), *__restrict gy = plan.gy.data();
+  // The arithmetic in a loop over the pixels (vectorised), then the stores, which are
+  // strided by pixel (with them in the same loop, GCC 12 left it scalar).
   for (int64_t k = 0; k < P; ++k) {
+#pragma omp simd
     for (int64_t c = 0; c < count; ++c) {
       const int64_t j = k * S + c;
       const acc_t lx = lxs[j], ly = lys[j], hx = acc_t(1) - lx, hy = acc_t(1) - ly;
@@ -682,8 +687,14 @@ DCNV3_INLINE void finish_backward_chunk(scalar_t* __restrict goff, scalar_t* __r
       const acc_t grad_y = m[j] * (hx * (d2[j] - d0[j]) + lx * (d3[j] - d1[j]));
       const bool in = inside[j] != 0;
       gw[j] = in ? w0[j] * d0[j] + w1[j] * d1[j] + w2[j] * d2[j] + w3[j] * d3[j] : acc_t(0);
-      goff[c * ostep + 2 * k] = in ? narrow<scalar_t>(grad_x * scale) : scalar_t(0);
-      goff[c * ostep + 2 * k + 1] = in ? narrow<scalar_t>(grad_y * scale) : scalar_t(0);
+      gx[j] = in ? grad_x * scale : acc_t(0);
+      gy[j] = in ? grad_y * scale : acc_t(0);
+    }
+  }
+  for (int64_t c = 0; c < count; ++c) {
+    for (int64_t k = 0; k < P; ++k) {
+      goff[c * ostep + 2 * k] = narrow<scalar_t>(gx[k * S + c]);
+      goff[c * ostep + 2 * k + 1] = narrow<scalar_t>(gy[k * S + c]);
     }
   }
   // Through the softmax: d logit_k = w_k * (d w_k - sum_q w_q d w_q).
@@ -707,6 +718,20 @@ DCNV3_INLINE void finish_backward_chunk(scalar_t* __restrict goff, scalar_t* __r
 
 DCNV3_DEFINE_ISA_VARIANTS(plan_backward_chunk)
 DCNV3_DEFINE_ISA_VARIANTS(finish_backward_chunk)
+
+// dst[r * dst_stride + i] = src[r * src_stride + i] rounded to scalar_t, for `rows` rows of
+// `cols` values: float32 grad_input accumulators stored into grad_input (compiled per
+// instruction set, so that the rounding is vectorised).
+template <typename scalar_t, int CG, typename acc_t = at::opmath_type<scalar_t>>
+DCNV3_INLINE void store_rounded(const acc_t* __restrict src, int64_t src_stride, scalar_t* __restrict dst,
+                                int64_t dst_stride, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+    for (int64_t i = 0; i < cols; ++i) dst[r * dst_stride + i] = narrow<scalar_t>(src[r * src_stride + i]);
+  }
+}
+
+DCNV3_DEFINE_ISA_VARIANTS(store_rounded)
 
 // Backward for one (n, g) pair and output pixels [pix_begin, pix_end) of its image, in
 // chunks of kBackwardChunk pixels: plan the chunk (plan_backward_chunk), then for each pixel
@@ -1148,12 +1173,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
             backward_task_dispatch<scalar_t, decltype(cg)::value>(
                 isa, go, in, off, msk, scratch.data(), group_channels, int64_t(0), hw_in, goff, gmsk, geo, p, n,
                 g, int64_t(0), hw_out, std::false_type{}, isa);
-            scalar_t* dst = gin + n * hw_in * geo.channels + g * group_channels;
-            for (int64_t pixel = 0; pixel < hw_in; ++pixel) {
-              for (int64_t ch = 0; ch < group_channels; ++ch) {
-                dst[pixel * geo.channels + ch] = narrow<scalar_t>(scratch[pixel * group_channels + ch]);
-              }
-            }
+            store_rounded_dispatch<scalar_t, 0>(isa, static_cast<const acc_t*>(scratch.data()), group_channels,
+                                                gin + n * hw_in * geo.channels + g * group_channels, geo.channels,
+                                                hw_in, group_channels);
           }
         });
       });
@@ -1192,12 +1214,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
           const acc_t* src = partial_base + (bands.start[task] + y - bands.lo[task]) * row_size;
           for (int64_t i = 0; i < row_size; ++i) sum[i] += src[i];
         }
-        scalar_t* dst = gin + (n * hw_in + y * geo.width_in) * geo.channels + g * group_channels;
-        for (int64_t x = 0; x < geo.width_in; ++x) {
-          for (int64_t ch = 0; ch < group_channels; ++ch) {
-            dst[x * geo.channels + ch] = narrow<scalar_t>(sum[x * group_channels + ch]);
-          }
-        }
+        store_rounded_dispatch<scalar_t, 0>(isa, static_cast<const acc_t*>(sum.data()), group_channels,
+                                            gin + (n * hw_in + y * geo.width_in) * geo.channels + g * group_channels,
+                                            geo.channels, geo.width_in, group_channels);
       }
     });
   });
