@@ -553,19 +553,17 @@ void backward_pixel_exact(const scalar_t* grad_output, const scalar_t* image, co
 // that each step below is a loop over the pixels that the compiler vectorises: sampling
 // weights (softmax), locations, bilinear corner weights (0 for a corner outside the image),
 // corner pixel indices (-1 outside), and after the products the <grad_output, corner>
-// dot products d0..d3, the weight gradients and the offset gradients.
+// dot products d0..d3 and the weight gradients.
 constexpr int64_t kBackwardChunk = 32;
 
 template <typename acc_t>
 struct BackwardPlan {
-  std::vector<acc_t> m, w0, w1, w2, w3, lx, ly, d0, d1, d2, d3, gw, gx, gy;
+  std::vector<acc_t> m, w0, w1, w2, w3, lx, ly, d0, d1, d2, d3, gw;
   std::vector<int32_t> i0, i1, i2, i3, inside;
   std::vector<acc_t> base_x, base_y, largest, total, weighted;  // per pixel
   std::vector<int32_t> bad;  // per pixel: something not finite, backward_pixel_exact
   explicit BackwardPlan(int64_t points) {
-    for (auto* v : {&m, &w0, &w1, &w2, &w3, &lx, &ly, &d0, &d1, &d2, &d3, &gw, &gx, &gy}) {
-      v->resize(points * kBackwardChunk);
-    }
+    for (auto* v : {&m, &w0, &w1, &w2, &w3, &lx, &ly, &d0, &d1, &d2, &d3, &gw}) v->resize(points * kBackwardChunk);
     for (auto* v : {&i0, &i1, &i2, &i3, &inside}) v->resize(points * kBackwardChunk);
     for (auto* v : {&base_x, &base_y, &largest, &total, &weighted}) v->resize(kBackwardChunk);
     bad.resize(kBackwardChunk);
@@ -583,9 +581,10 @@ struct BackwardWorkspace {
   std::vector<scalar_t> zeros;  // the value of a corner outside the image
   std::vector<acc_t> sink;      // write target for corners outside the image or the range
   std::vector<acc_t> go;        // see backward_task
+  std::vector<scalar_t> staged;  // see finish_backward_chunk
   BackwardWorkspace(const Geometry& geo, const Params& p)
       : grid(p), plan(geo.points), zeros(p.group_channels, scalar_t(0)), sink(p.group_channels),
-        go(2 * p.group_channels) {}
+        go(2 * p.group_channels), staged(3 * geo.points * kBackwardChunk) {}
 };
 
 // Plans pixels [pix0, pix0 + count) of pair (n, g); off and msk point at the first pixel's
@@ -675,10 +674,14 @@ DCNV3_INLINE void plan_backward_chunk(const scalar_t* __restrict off, const scal
 }
 
 // The offset and mask gradients of a planned chunk from the dot products of backward_task
-// (goff and gmsk: those of the chunk's first pixel, group g), in loops over the pixels.
+// (goff and gmsk: those of the chunk's first pixel, group g), computed and rounded in loops
+// over the pixels (vectorised) into `staged` (point-major, 3 x points x kBackwardChunk
+// values), then stored pixel by pixel: with the stores, strided by pixel, in the same loops,
+// GCC 12 left the offset loop scalar.
 template <typename scalar_t, int CG, typename acc_t = at::opmath_type<scalar_t>>
 DCNV3_INLINE void finish_backward_chunk(scalar_t* __restrict goff, scalar_t* __restrict gmsk, int64_t count,
-                                        const Geometry* geo, const Params* p_, BackwardPlan<acc_t>* plan_) {
+                                        const Geometry* geo, const Params* p_, BackwardPlan<acc_t>* plan_,
+                                        scalar_t* __restrict staged) {
   constexpr int64_t S = kBackwardChunk;
   const Params& p = *p_;
   BackwardPlan<acc_t>& plan = *plan_;
@@ -691,9 +694,8 @@ DCNV3_INLINE void finish_backward_chunk(scalar_t* __restrict goff, scalar_t* __r
                           *__restrict d0 = plan.d0.data(), *__restrict d1 = plan.d1.data(),
                           *__restrict d2 = plan.d2.data(), *__restrict d3 = plan.d3.data();
   const int32_t* __restrict inside = plan.inside.data();
-  acc_t *__restrict gw = plan.gw.data(), *__restrict gx = plan.gx.data(), *__restrict gy = plan.gy.data();
-  // The arithmetic in a loop over the pixels (vectorised), then the stores, which are
-  // strided by pixel (with them in the same loop, GCC 12 left it scalar).
+  acc_t* __restrict gw = plan.gw.data();
+  scalar_t *__restrict staged_offset = staged, *__restrict staged_mask = staged + 2 * P * S;
   for (int64_t k = 0; k < P; ++k) {
 #pragma omp simd
     for (int64_t c = 0; c < count; ++c) {
@@ -703,14 +705,8 @@ DCNV3_INLINE void finish_backward_chunk(scalar_t* __restrict goff, scalar_t* __r
       const acc_t grad_y = m[j] * (hx * (d2[j] - d0[j]) + lx * (d3[j] - d1[j]));
       const bool in = inside[j] != 0;
       gw[j] = in ? w0[j] * d0[j] + w1[j] * d1[j] + w2[j] * d2[j] + w3[j] * d3[j] : acc_t(0);
-      gx[j] = in ? grad_x * scale : acc_t(0);
-      gy[j] = in ? grad_y * scale : acc_t(0);
-    }
-  }
-  for (int64_t c = 0; c < count; ++c) {
-    for (int64_t k = 0; k < P; ++k) {
-      goff[c * ostep + 2 * k] = narrow<scalar_t>(gx[k * S + c]);
-      goff[c * ostep + 2 * k + 1] = narrow<scalar_t>(gy[k * S + c]);
+      staged_offset[2 * k * S + c] = in ? narrow<scalar_t>(grad_x * scale) : scalar_t(0);
+      staged_offset[(2 * k + 1) * S + c] = in ? narrow<scalar_t>(grad_y * scale) : scalar_t(0);
     }
   }
   // Through the softmax: d logit_k = w_k * (d w_k - sum_q w_q d w_q).
@@ -722,13 +718,17 @@ DCNV3_INLINE void finish_backward_chunk(scalar_t* __restrict goff, scalar_t* __r
     }
     for (int64_t k = 0; k < P; ++k) {
       for (int64_t c = 0; c < count; ++c) {
-        gmsk[c * mstep + k] = narrow<scalar_t>(m[k * S + c] * (gw[k * S + c] - weighted[c]));
+        staged_mask[k * S + c] = narrow<scalar_t>(m[k * S + c] * (gw[k * S + c] - weighted[c]));
       }
     }
   } else {
     for (int64_t k = 0; k < P; ++k) {
-      for (int64_t c = 0; c < count; ++c) gmsk[c * mstep + k] = narrow<scalar_t>(gw[k * S + c]);
+      for (int64_t c = 0; c < count; ++c) staged_mask[k * S + c] = narrow<scalar_t>(gw[k * S + c]);
     }
+  }
+  for (int64_t c = 0; c < count; ++c) {
+    for (int64_t q = 0; q < 2 * P; ++q) goff[c * ostep + q] = staged_offset[q * S + c];
+    for (int64_t k = 0; k < P; ++k) gmsk[c * mstep + k] = staged_mask[k * S + c];
   }
 }
 
@@ -875,7 +875,8 @@ DCNV3_INLINE void backward_task(const scalar_t* __restrict grad_output, const sc
       }
     }
     finish_backward_chunk_dispatch<scalar_t, 0>(isa, grad_offset + (idx0 * p.group + g) * P * 2,
-                                                grad_mask + (idx0 * p.group + g) * P, count, &geo, &p, &plan);
+                                                grad_mask + (idx0 * p.group + g) * P, count, &geo, &p, &plan,
+                                                workspace->staged.data());
     for (int64_t c = 0; c < count; ++c) {
       if (!plan.bad[c]) continue;
       backward_pixel_exact(grad_output, image, offset, mask, grad_image, gi_stride, gi_begin, gi_end,
