@@ -112,15 +112,16 @@ def _usable(layer: nn.Linear, x: torch.Tensor) -> bool:
     return _compute_dtype(layer, x) is not None
 
 
-def _cached(owner: nn.Module, slot, tensors, build):
+def _cached(owner: nn.Module, slot, tensors, build, extra=None):
     """``build()``, cached on ``owner`` under ``slot`` until one of ``tensors`` (the parameters it
-    is made from) changes: other storage, an in-place update or another shape. Parameters
+    is made from) changes: other storage, an in-place update or another shape, or ``extra``
+    (anything else the result depends on) changes. Parameters
     created under ``torch.inference_mode`` have no version counter to tell an in-place update
     (``load_state_dict`` there copies into them): built at every call, never cached (the
     callers keep such layers off the packed path, see :func:`_compute_dtype`; this is the
     safety net)."""
     try:
-        key = [None if t is None else (t.data_ptr(), t._version, t.shape) for t in tensors]
+        key = [None if t is None else (t.data_ptr(), t._version, t.shape) for t in tensors] + [extra]
     except RuntimeError:  # "Inference tensors do not track version counter"
         return build()
     caches = owner.__dict__.get(_CACHE_ATTR)
@@ -133,11 +134,13 @@ def _cached(owner: nn.Module, slot, tensors, build):
     return cached[1]
 
 
-def _packed(layer: nn.Module, dtype: torch.dtype, reorder=None):
-    """(weight in oneDNN's layout, bias) in ``dtype``, cached per dtype until the parameters change."""
+def _packed(layer: nn.Module, dtype: torch.dtype, reorder=None, extra=None):
+    """(weight in oneDNN's layout, bias) in ``dtype``, cached per dtype until the parameters (or
+    ``extra``, which ``reorder`` depends on) change."""
     weight, bias = layer.weight, layer.bias
     return _cached(layer, dtype, (weight, bias), lambda: (
-        (reorder or _reorder_weight)(weight.detach().to(dtype)), None if bias is None else bias.detach().to(dtype)))
+        (reorder or _reorder_weight)(weight.detach().to(dtype)), None if bias is None else bias.detach().to(dtype)),
+        extra)
 
 
 def _packed_pair(first: nn.Linear, second: nn.Linear, dtype: torch.dtype):
@@ -172,10 +175,19 @@ def packed_linear_pair(first: nn.Linear, second: nn.Linear, x: torch.Tensor, dty
     return out[..., :first.out_features], out[..., first.out_features:]
 
 
+def _reorder_conv_weight(weight, padding, stride, dilation, groups, input_size):
+    return torch.ops.mkldnn._reorder_convolution_weight(weight, padding, stride, dilation, groups, input_size)
+
+
 def packed_conv2d(layer: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     padding, stride, dilation = list(layer.padding), list(layer.stride), list(layer.dilation)
-    weight, bias = _packed(layer, dtype, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
-        w, padding, stride, dilation, layer.groups, list(x.shape)))
+    # oneDNN picks the weight's layout for the input's shape: a weight packed for another
+    # shape was reordered again inside every call (InternImage-T at 224x224 after one call at
+    # 64x64: 207 instead of ~125 ms). So the pack is keyed on the input's shape too, one per
+    # layer: a new shape packs once more (what every call of the plain layer costs).
+    shape = list(x.shape)
+    weight, bias = _packed(layer, dtype, lambda w: _reorder_conv_weight(
+        w, padding, stride, dilation, layer.groups, shape), extra=tuple(shape))
     x = x.contiguous(memory_format=torch.channels_last)
     return _CONV_OP(x, weight, bias, padding, stride, dilation, layer.groups, "none", [], "")
 
@@ -206,7 +218,8 @@ def _conv_packable(layer: nn.Conv2d, x: torch.Tensor) -> bool:
 
 def conv2d(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for an NCHW tensor ``x``. On the packed path (see the top of this module)
-    a oneDNN convolution in channels-last memory with the weight reordered once and cached:
+    a oneDNN convolution in channels-last memory with the weight reordered once per input shape
+    and cached:
     an input in another layout is copied to channels-last first (that copy costs less than the
     convolution gains: the stem's 3-channel convolution on an NCHW batch of 8 took 9x longer),
     and the output is channels-last, an NCHW tensor as ``layer``'s. Without the cache, PyTorch

@@ -235,6 +235,21 @@ def test_packed_conv2d_matches_nn_conv2d(in_ch, out_ch, stride, groups, bias, ch
     assert not hasattr(conv, packed_linear._CACHE_ATTR)
 
 
+@needs_conv
+def test_packed_conv2d_packs_once_per_input_shape(monkeypatch):
+    # oneDNN lays a packed weight out for one input shape; used for another shape it was
+    # reordered again inside every call. One pack per change of shape, none per call.
+    shapes = []
+    reorder = packed_linear._reorder_conv_weight
+    monkeypatch.setattr(packed_linear, "_reorder_conv_weight", lambda *args: shapes.append(args[-1]) or reorder(*args))
+    conv = torch.nn.Conv2d(8, 16, 3, 2, 1)
+    small, large = torch.randn(1, 8, 16, 16), torch.randn(2, 8, 24, 20)
+    with torch.no_grad():
+        for x in (small, small, large, large, small):
+            torch.testing.assert_close(packed_linear.conv2d(conv, x), conv(x), rtol=1e-5, atol=1e-5)
+    assert shapes == [list(small.shape), list(large.shape), list(small.shape)]
+
+
 TINY_ARCHS = {
     "t": dict(),
     "layer-scale-post-norm": dict(layer_scale=1e-5, post_norm=True),
