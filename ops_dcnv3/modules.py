@@ -11,6 +11,7 @@ from .functions import dcnv3, dcnv3_reference
 from .packed_linear import conv_sequential, linear_pair, packed_conv2d, packed_linear_pair
 
 _DCNV3_FORWARD = torch.ops.ops_dcnv3.dcnv3_forward.default
+_DW_CONV_LN_GELU = torch.ops.ops_dcnv3.dw_conv_ln_gelu.default
 
 __all__ = ["DCNv3", "DCNv3_pytorch", "build_norm_layer", "build_act_layer", "to_channels_first", "to_channels_last"]
 
@@ -162,6 +163,19 @@ class DCNv3(nn.Module):
                 and type(dw[1]) is nn.Sequential and len(dw[1]) == 2 and type(dw[1][0]) is to_channels_last
                 and type(dw[1][1]) is nn.LayerNorm and type(dw[2]) is nn.GELU)
 
+    @staticmethod
+    def _dw_fusable(conv, norm, act) -> bool:
+        """Whether the fused kernel ``dw_conv_ln_gelu`` computes the depthwise branch: a
+        depthwise convolution of odd square kernel that keeps the size, an affine LayerNorm
+        over the channels and the exact GELU (what the constructor builds for an odd
+        ``dw_kernel_size``)."""
+        k = conv.kernel_size[0]
+        return (k % 2 == 1 and conv.kernel_size == (k, k) and conv.padding == (k // 2, k // 2)
+                and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+                and conv.groups == conv.in_channels == conv.out_channels
+                and norm.normalized_shape == (conv.out_channels,) and norm.weight is not None
+                and norm.bias is not None and act.approximate == "none")
+
     def inference_forward(self, input, dtype):
         """:meth:`forward` on the packed inference path, for a caller that has checked that it
         applies (``packed_linear.inference_dtype`` and :meth:`inference_ready`): the same
@@ -172,9 +186,15 @@ class DCNv3(nn.Module):
         the two were even."""
         x_proj = F.linear(input, self.input_proj.weight, self.input_proj.bias)
         conv, (_, norm), act = self.dw_conv
-        features = packed_conv2d(conv, input.permute(0, 3, 1, 2), dtype).permute(0, 2, 3, 1)
-        features = torch.ops.aten.gelu_(F.layer_norm(features, norm.normalized_shape, norm.weight, norm.bias, norm.eps),
-                                        approximate=act.approximate)  # in place: the norm's own output
+        if self._dw_fusable(conv, norm, act):
+            # One compiled pass instead of three calls (cpu/dw_conv_cpu.cpp): their fixed costs
+            # were most of the branch's time at batch 1.
+            features = _DW_CONV_LN_GELU(input, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps)
+        else:
+            features = packed_conv2d(conv, input.permute(0, 3, 1, 2), dtype).permute(0, 2, 3, 1)
+            features = torch.ops.aten.gelu_(  # in place: the norm's own output
+                F.layer_norm(features, norm.normalized_shape, norm.weight, norm.bias, norm.eps),
+                approximate=act.approximate)
         offset, mask_logits = packed_linear_pair(self.offset, self.mask, features, dtype)
         x = _DCNV3_FORWARD(x_proj, offset, mask_logits, self.kernel_size, self.kernel_size, self.stride, self.stride,
                            self.pad, self.pad, self.dilation, self.dilation, self.group, self.group_channels,

@@ -261,7 +261,8 @@ TINY_ARCHS = {
 @pytest.mark.parametrize("arch", TINY_ARCHS, ids=str)
 def test_block_inference_path_equals_the_module_path(arch, monkeypatch):
     """InternImageBlock's inference path (the packed products called directly, one check per
-    block) computes exactly what the blocks' modules compute."""
+    block, the offset/mask branch fused: ops_dcnv3.dw_conv_ln_gelu) computes what the blocks'
+    modules compute, up to float32 rounding."""
     from internimage.models import backbone
 
     torch.manual_seed(0)
@@ -283,7 +284,7 @@ def test_block_inference_path_equals_the_module_path(arch, monkeypatch):
         want = model(x)
     assert len(taken) == 5
     for a, b in zip(got, want):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @needs_conv

@@ -1,4 +1,4 @@
-// Schema of the DCNv3 operator. Kernels live in one file per dispatch key
+// Schema of the DCNv3 operator (and of the fused offset/mask branch of its module). Kernels live in one file per dispatch key
 // (cpu/dcnv3_cpu.cpp, cuda/dcnv3_cuda.cu); autograd and fake kernels are
 // registered from Python (ops_dcnv3/functions.py). With softmax=True the mask holds
 // logits that the kernels normalise over the P points of each group (fused softmax);
@@ -25,4 +25,10 @@ TORCH_LIBRARY(ops_dcnv3, m) {
       "int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, "
       "int dilation_w, int group, int group_channels, float offset_scale, bool remove_center, "
       "bool softmax=False) -> (Tensor, Tensor, Tensor)");
+  // The offset/mask branch of a DCNv3 block at inference, fused (CPU, float32, no autograd):
+  // gelu(layer_norm(depthwise_conv(input))) on channels-last (N, H, W, C) tensors; weight is
+  // the convolution's (C, 1, k, k) for an odd k, padded to keep the size (cpu/dw_conv_cpu.cpp).
+  m.def(
+      "dw_conv_ln_gelu(Tensor input, Tensor weight, Tensor? bias, Tensor norm_weight, Tensor norm_bias, "
+      "float eps) -> Tensor");
 }

@@ -38,58 +38,10 @@
 #include <vector>
 
 #include "../dcnv3.h"
-
-// On x86-64 the kernels are compiled three times, for the baseline, for AVX2+FMA+F16C and
-// for AVX-512 (F/BW/VL/DQ, 512-bit vectors), and one copy is picked at run time (see
-// "Instruction sets" below).
-#if defined(__GNUC__) && defined(__x86_64__)
-#define DCNV3_X86_DISPATCH 1
-#define DCNV3_INLINE inline __attribute__((always_inline))
-#define DCNV3_NOINLINE __attribute__((noinline))
-#define DCNV3_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define DCNV3_TARGET_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")))
-#else
-#define DCNV3_X86_DISPATCH 0
-#define DCNV3_INLINE inline
-#define DCNV3_NOINLINE
-#endif
+#include "isa.h"
 
 namespace ops_dcnv3 {
 namespace {
-
-enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
-
-// One copy of each kernel per instruction set (see "Instruction sets" below):
-// DCNV3_DEFINE_ISA_VARIANTS(kernel) defines kernel_baseline, kernel_avx2, kernel_avx512 and
-// kernel_dispatch(isa, ...). The op reads the chosen set once per call and passes it on.
-#define DCNV3_DEFINE_ISA_VARIANTS(kernel)                                               \
-  template <typename scalar_t, int CG, typename... Args>                                \
-  DCNV3_NOINLINE void kernel##_baseline(Args... args) {                                 \
-    kernel<scalar_t, CG>(args...);                                                      \
-  }                                                                                     \
-  DCNV3_ISA_VARIANT(kernel, avx2, DCNV3_TARGET_AVX2)                                    \
-  DCNV3_ISA_VARIANT(kernel, avx512, DCNV3_TARGET_AVX512)                                \
-  template <typename scalar_t, int CG, typename... Args>                                \
-  void kernel##_dispatch(Isa isa, Args... args) {                                       \
-    DCNV3_ISA_CALL(kernel, args)                                                        \
-    kernel##_baseline<scalar_t, CG>(args...);                                           \
-  }
-
-#if DCNV3_X86_DISPATCH
-#define DCNV3_ISA_VARIANT(kernel, isa, target)                                          \
-  template <typename scalar_t, int CG, typename... Args>                                \
-  DCNV3_NOINLINE target void kernel##_##isa(Args... args) {                             \
-    kernel<scalar_t, CG>(args...);                                                      \
-  }
-#define DCNV3_ISA_CALL(kernel, args)                                                    \
-  if (isa == Isa::kAvx512) return kernel##_avx512<scalar_t, CG>(args...);               \
-  if (isa == Isa::kAvx2) return kernel##_avx2<scalar_t, CG>(args...);
-#else
-#define DCNV3_ISA_VARIANT(kernel, isa, target)
-#define DCNV3_ISA_CALL(kernel, args)
-#endif
-
 
 // float32 value of a kernel input. The 16-bit types are widened with integer and float
 // operations that the compiler vectorises in the channel loops: bfloat16 is the high half
@@ -943,16 +895,6 @@ std::vector<std::string> supported_isa_names() {
 // -1 until the first call reads DCNV3_CPU_ISA (an error there is raised at that call).
 std::atomic<int> g_isa{-1};
 
-Isa current_isa() {
-  int isa = g_isa.load(std::memory_order_relaxed);
-  if (isa < 0) {
-    const char* env = std::getenv("DCNV3_CPU_ISA");
-    isa = int(isa_from_name(env == nullptr ? "auto" : env, "DCNV3_CPU_ISA"));
-    g_isa.store(isa, std::memory_order_relaxed);
-  }
-  return Isa(isa);
-}
-
 std::string cpu_isa() { return kIsaNames[int(current_isa())]; }
 
 // Sets the copy for later calls ("auto": the default choice); returns the previous one.
@@ -1245,6 +1187,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
 }
 
 }  // namespace
+
+Isa current_isa() {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa < 0) {
+    const char* env = std::getenv("DCNV3_CPU_ISA");
+    isa = int(isa_from_name(env == nullptr ? "auto" : env, "DCNV3_CPU_ISA"));
+    g_isa.store(isa, std::memory_order_relaxed);
+  }
+  return Isa(isa);
+}
 
 TORCH_LIBRARY_FRAGMENT(ops_dcnv3, m) {
   // Which copy of the CPU kernels runs (see "Instruction sets"); ops_dcnv3.cpu_isa() etc.
