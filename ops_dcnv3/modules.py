@@ -187,7 +187,7 @@ class DCNv3(nn.Module):
         x_proj = F.linear(input, self.input_proj.weight, self.input_proj.bias)
         conv, (_, norm), act = self.dw_conv
         if self._dw_fusable(conv, norm, act):
-            # One compiled pass instead of three calls (cpu/dw_conv_cpu.cpp): their fixed costs
+            # One compiled pass instead of three calls (cpu/block_inference_cpu.cpp): their fixed costs
             # were most of the branch's time at batch 1.
             features = _DW_CONV_LN_GELU(input, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps)
         else:

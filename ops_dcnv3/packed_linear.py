@@ -134,13 +134,19 @@ def _cached(owner: nn.Module, slot, tensors, build, extra=None):
     return cached[1]
 
 
-def _packed(layer: nn.Module, dtype: torch.dtype, reorder=None, extra=None):
-    """(weight in oneDNN's layout, bias) in ``dtype``, cached per dtype until the parameters (or
-    ``extra``, which ``reorder`` depends on) change."""
+def _packed(layer: nn.Module, dtype: torch.dtype, input_size=None):
+    """(weight in oneDNN's layout, bias) in ``dtype``, cached per dtype until the parameters
+    change. A convolution passes its ``input_size``: oneDNN lays its weight out for one input
+    shape, so the pack is keyed on the shape too."""
     weight, bias = layer.weight, layer.bias
-    return _cached(layer, dtype, (weight, bias), lambda: (
-        (reorder or _reorder_weight)(weight.detach().to(dtype)), None if bias is None else bias.detach().to(dtype)),
-        extra)
+
+    def build():
+        data = weight.detach().to(dtype)
+        packed = _reorder_weight(data) if input_size is None else _reorder_conv_weight(
+            data, list(layer.padding), list(layer.stride), list(layer.dilation), layer.groups, list(input_size))
+        return packed, None if bias is None else bias.detach().to(dtype)
+
+    return _cached(layer, dtype, (weight, bias), build, input_size)
 
 
 def _packed_pair(first: nn.Linear, second: nn.Linear, dtype: torch.dtype):
@@ -180,16 +186,13 @@ def _reorder_conv_weight(weight, padding, stride, dilation, groups, input_size):
 
 
 def packed_conv2d(layer: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    padding, stride, dilation = list(layer.padding), list(layer.stride), list(layer.dilation)
     # oneDNN picks the weight's layout for the input's shape: a weight packed for another
     # shape was reordered again inside every call (InternImage-T at 224x224 after one call at
-    # 64x64: 207 instead of ~125 ms). So the pack is keyed on the input's shape too, one per
+    # 64x64: 207 instead of 141 ms). So the pack is keyed on the input's shape too, one per
     # layer: a new shape packs once more (what every call of the plain layer costs).
-    shape = list(x.shape)
-    weight, bias = _packed(layer, dtype, lambda w: _reorder_conv_weight(
-        w, padding, stride, dilation, layer.groups, shape), extra=tuple(shape))
+    weight, bias = _packed(layer, dtype, tuple(x.shape))
     x = x.contiguous(memory_format=torch.channels_last)
-    return _CONV_OP(x, weight, bias, padding, stride, dilation, layer.groups, "none", [], "")
+    return _CONV_OP(x, weight, bias, layer.padding, layer.stride, layer.dilation, layer.groups, "none", [], "")
 
 
 def linear(layer: nn.Linear, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:

@@ -73,6 +73,14 @@ def test_benchmark_dcnv3_dtype_table_per_isa():
     assert all(r["ms"] > 0 for r in rows)
 
 
+def test_benchmark_dcnv3_block_ops_table():
+    rows = benchmark_dcnv3.block_op_rows(batch=1, repeats=1)
+    assert [(r["shape"], r["op"]) for r in rows] == [
+        (name, op) for name, *_ in benchmark_dcnv3.STAGES for op in ("dw_conv_ln_gelu", "add_layer_norm_")]
+    assert all(r["fused_ms"] > 0 and r["unfused_ms"] > 0 for r in rows)
+    assert all(r["max_abs_diff"] < 1e-4 for r in rows)  # the same results, up to rounding
+
+
 def test_peak_memory_probe_measures_a_fresh_step():
     # 4 MiB of float32 allocated by the step: the probe sees at least that, and not a model's worth.
     extra = benchmark_dcnv3.peak_extra_memory("ours", "forward", 32, 64, 4, threads=1)

@@ -252,6 +252,7 @@ def test_packed_conv2d_packs_once_per_input_shape(monkeypatch):
 
 TINY_ARCHS = {
     "t": dict(),
+    "layer-scale": dict(layer_scale=0.5),
     "layer-scale-post-norm": dict(layer_scale=1e-5, post_norm=True),
     "res-post-norm-center-scale": dict(res_post_norm=True, center_feature_scale=True, layer_scale=1.0),
 }
@@ -261,7 +262,8 @@ TINY_ARCHS = {
 @pytest.mark.parametrize("arch", TINY_ARCHS, ids=str)
 def test_block_inference_path_equals_the_module_path(arch, monkeypatch):
     """InternImageBlock's inference path (the packed products called directly, one check per
-    block, the offset/mask branch fused: ops_dcnv3.dw_conv_ln_gelu) computes what the blocks'
+    block, the offset/mask branch fused: ops_dcnv3.dw_conv_ln_gelu, and in pre-norm blocks the
+    residual sum with the second norm: ops_dcnv3.add_layer_norm_) computes what the blocks'
     modules compute, up to float32 rounding."""
     from internimage.models import backbone
 
@@ -273,13 +275,15 @@ def test_block_inference_path_equals_the_module_path(arch, monkeypatch):
             if name in ("weight", "bias") or "center_feature_scale" in name:
                 param.data.normal_(0, 0.2).add_(1 if (name == "weight" and param.dim() == 1) else 0)
     x = torch.randn(2, 3, 64, 64)
-    taken = []
-    fast = backbone.InternImageBlock._inference_forward
+    taken, fused_sums = [], []
+    fast, add_layer_norm = backbone.InternImageBlock._inference_forward, backbone._ADD_LAYER_NORM_
     monkeypatch.setattr(backbone.InternImageBlock, "_inference_forward",
                         lambda self, *args: taken.append(self) or fast(self, *args))
+    monkeypatch.setattr(backbone, "_ADD_LAYER_NORM_", lambda *args: fused_sums.append(1) or add_layer_norm(*args))
     with torch.inference_mode():
         got = model(x)
         assert len(taken) == 5
+        assert len(fused_sums) == (0 if "post-norm" in arch else 5)
         monkeypatch.setattr(backbone, "inference_dtype", lambda *args: None)
         want = model(x)
     assert len(taken) == 5

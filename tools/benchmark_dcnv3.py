@@ -25,6 +25,11 @@ into an output-sized tensor measured in the same run: the fewest bytes the op mu
 of each instruction set asked for (``all``: every copy this CPU can run), and prints each
 16-bit time over the float32 time of the same copy.
     python tools/benchmark_dcnv3.py --device cuda [--backend cuda|triton|both] [--repeats R] [--json OUT]
+
+``--block-ops`` times the fused CPU kernels of an InternImage block at inference (the DCNv3
+offset/mask branch ``dw_conv_ln_gelu``, the residual sum with the next norm ``add_layer_norm_``)
+against the operations they replace, at the stage shapes (batch 8 by default), round-robin.
+    python tools/benchmark_dcnv3.py --block-ops [--batch 1] [--json OUT]
 """
 import argparse
 import json
@@ -320,6 +325,64 @@ def dtypes_main(args):
                        "batch": args.batch, "rows": rows}, f, indent=2)
 
 
+def block_op_rows(batch, repeats):
+    """Median ms of the fused inference kernels of a block (``dw_conv_ln_gelu``,
+    ``add_layer_norm_``) and of the operations they replace (the packed oneDNN depthwise
+    convolution, LayerNorm and GELU; an addition and LayerNorm), at the stage shapes, each
+    shape's steps timed round-robin; with the largest difference of the results."""
+    import torch.nn.functional as F
+
+    from ops_dcnv3.packed_linear import CONV_AVAILABLE, packed_conv2d
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for name, size, channels, _ in STAGES:
+        x = torch.randn(batch, size, size, channels, generator=gen)
+        residual = torch.randn(batch, size, size, channels, generator=gen)
+        conv = torch.nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        gamma, beta = torch.rand(channels, generator=gen) + 0.5, torch.rand(channels, generator=gen) - 0.5
+
+        def unfused_branch():
+            nchw = x.permute(0, 3, 1, 2)
+            y = packed_conv2d(conv, nchw, torch.float32) if CONV_AVAILABLE else conv(nchw)
+            return torch.ops.aten.gelu_(F.layer_norm(y.permute(0, 2, 3, 1), (channels,), gamma, beta, 1e-6))
+
+        def unfused_sum():  # both add into a copy of x, as the block into its branch's own output
+            total = x.clone().add_(residual)
+            return total, F.layer_norm(total, (channels,), gamma, beta, 1e-6)
+
+        cases = {
+            "dw_conv_ln_gelu": (lambda: torch.ops.ops_dcnv3.dw_conv_ln_gelu(x, conv.weight, conv.bias, gamma, beta,
+                                                                            1e-6), unfused_branch),
+            "add_layer_norm_": (lambda: torch.ops.ops_dcnv3.add_layer_norm_(x.clone(), residual, None, gamma, beta,
+                                                                            1e-6), lambda: unfused_sum()[1]),
+        }
+        with torch.no_grad():
+            steps = {(op, kind): fn for op, pair in cases.items() for kind, fn in zip(("fused", "unfused"), pair)}
+            times = median_seconds_round_robin(steps, repeats)
+            for op, (fused, unfused) in cases.items():
+                rows.append({"shape": name, "op": op, "fused_ms": times[(op, "fused")] * 1e3,
+                             "unfused_ms": times[(op, "unfused")] * 1e3,
+                             "max_abs_diff": (fused() - unfused()).abs().max().item()})
+    return rows
+
+
+def block_ops_main(args):
+    from internimage.utils.benchmark import cpu_description
+
+    print(f"CPU: {cpu_description()}, threads: {torch.get_num_threads()}, batch {args.batch}, kernel copy: "
+          f"{ops_dcnv3.cpu_isa()}, median of {args.repeats}")
+    rows = block_op_rows(args.batch, args.repeats)
+    print(f"{'shape':<22}{'fused kernel':<18}{'fused ms':>10}{'unfused ms':>12}{'fused/unfused':>15}{'max diff':>10}")
+    for r in rows:
+        print(f"{r['shape']:<22}{r['op']:<18}{r['fused_ms']:>10.3f}{r['unfused_ms']:>12.3f}"
+              f"{r['fused_ms'] / r['unfused_ms']:>14.2f}x{r['max_abs_diff']:>10.1e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cpu": cpu_description(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                       "batch": args.batch, "rows": rows}, f, indent=2)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -333,13 +396,17 @@ def main():
                         help="CPU kernels in float32 / bfloat16 / float16 per instruction-set copy (see --isa)")
     parser.add_argument("--isa", default="auto", choices=["auto", "all", "baseline", "avx2", "avx512"],
                         help="--dtypes: the kernel copies to time (all: every copy this CPU runs)")
-    parser.add_argument("--batch", type=int, default=8, help="--dtypes: batch size (default 8)")
+    parser.add_argument("--block-ops", action="store_true",
+                        help="CPU: the fused inference kernels of a block against the operations they replace")
+    parser.add_argument("--batch", type=int, default=8, help="--dtypes, --block-ops: batch size (default 8)")
     args = parser.parse_args()
     if args.device == "cuda":
         return cuda_main(args)
     torch.set_num_threads(args.threads)
     if args.dtypes:
         return dtypes_main(args)
+    if args.block_ops:
+        return block_ops_main(args)
     print(f"torch {torch.__version__}, threads: {torch.get_num_threads()}, repeats: {args.repeats} (median)")
 
     rows = []

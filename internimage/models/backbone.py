@@ -22,6 +22,8 @@ from ops_dcnv3.packed_linear import conv2d, inference_dtype, linear, packed_line
 from .gelu_mlp import gelu_mlp
 from .variants import ARCH_KEYS, arch_settings
 
+_ADD_LAYER_NORM_ = torch.ops.ops_dcnv3.add_layer_norm_.default  # residual sum in place, its LayerNorm
+
 CORE_OPS = {"DCNv3": ops_dcnv3.DCNv3, "DCNv3_pytorch": ops_dcnv3.DCNv3_pytorch}
 
 NUM_STAGES = 4
@@ -265,6 +267,15 @@ class InternImageBlock(nn.Module):
 
         gamma1 = self.gamma1 if self.layer_scale is not None else None
         gamma2 = self.gamma2 if self.layer_scale is not None else None
+        norm1, norm2 = self.norm1[0], self.norm2[0]
+        if not (self.post_norm or self.res_post_norm) and norm2.weight is not None and norm2.bias is not None:
+            # Pre-norm: the first residual sum (in place on the branch's output) and the second
+            # norm in one pass over the pixels (ops_dcnv3.add_layer_norm_), the last sum in place.
+            y = self.dcn.inference_forward(F.layer_norm(x, norm1.normalized_shape, norm1.weight, norm1.bias,
+                                                        norm1.eps), dtype)
+            h = _ADD_LAYER_NORM_(y, x, gamma1, norm2.weight, norm2.bias, norm2.eps)  # y: the sum
+            h = self.mlp.inference_forward(h, dtype)
+            return y.add_(h if gamma2 is None else h.mul_(gamma2))
         # Each branch's output is a new tensor of this function's: the sums are made in place
         # (x + y and y + x are the same sum).
         x = self._branch(x, lambda t: self.dcn.inference_forward(t, dtype), norm(self.norm1),

@@ -27,8 +27,14 @@ TORCH_LIBRARY(ops_dcnv3, m) {
       "bool softmax=False) -> (Tensor, Tensor, Tensor)");
   // The offset/mask branch of a DCNv3 block at inference, fused (CPU, float32, no autograd):
   // gelu(layer_norm(depthwise_conv(input))) on channels-last (N, H, W, C) tensors; weight is
-  // the convolution's (C, 1, k, k) for an odd k, padded to keep the size (cpu/dw_conv_cpu.cpp).
+  // the convolution's (C, 1, k, k) for an odd k, padded to keep the size (cpu/block_inference_cpu.cpp).
   m.def(
       "dw_conv_ln_gelu(Tensor input, Tensor weight, Tensor? bias, Tensor norm_weight, Tensor norm_bias, "
+      "float eps) -> Tensor");
+  // x <- residual + scale * x in place, returns layer_norm(x) over the last dim: a block's
+  // residual sum and its next norm at inference (CPU, float32, no autograd; scale: the
+  // branch's layer scale or None).
+  m.def(
+      "add_layer_norm_(Tensor(a!) x, Tensor residual, Tensor? scale, Tensor norm_weight, Tensor norm_bias, "
       "float eps) -> Tensor");
 }

@@ -1,5 +1,5 @@
 // Copies of the CPU kernels per x86-64 instruction set, shared by the kernel files
-// (dcnv3_cpu.cpp, dw_conv_cpu.cpp). On x86-64 a kernel is compiled three times, for the
+// (dcnv3_cpu.cpp, block_inference_cpu.cpp). On x86-64 a kernel is compiled three times, for the
 // baseline, for AVX2+FMA+F16C and for AVX-512 (F/BW/VL/DQ, 512-bit vectors), and one copy
 // is picked at run time: current_isa() (see "Instruction sets" in dcnv3_cpu.cpp).
 #pragma once

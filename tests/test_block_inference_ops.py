@@ -1,7 +1,8 @@
-"""The fused offset/mask branch of a DCNv3 block at inference (``ops_dcnv3.dw_conv_ln_gelu``:
-depthwise convolution, LayerNorm, exact GELU on channels-last float32): against the three
-operations in float64, in every kernel copy this CPU can run, and its use in
-``DCNv3.inference_forward``."""
+"""The fused CPU kernels of an InternImage block at inference (float32, no autograd):
+``ops_dcnv3.dw_conv_ln_gelu`` (the DCNv3 offset/mask branch: depthwise convolution, LayerNorm,
+exact GELU on channels-last tensors) and ``ops_dcnv3.add_layer_norm_`` (a residual sum in place
+and the next LayerNorm), against the operations they replace in float64, in every kernel copy this
+CPU can run, and their use in ``DCNv3.inference_forward`` and the block's inference path."""
 import math
 
 import pytest
@@ -12,6 +13,7 @@ import ops_dcnv3
 from ops_dcnv3 import DCNv3
 
 OP = torch.ops.ops_dcnv3.dw_conv_ln_gelu
+ADD_LN_ = torch.ops.ops_dcnv3.add_layer_norm_
 
 
 @pytest.fixture(params=["baseline", "avx2", "avx512"])
@@ -158,3 +160,40 @@ def test_module_keeps_the_three_operations_where_the_kernel_does_not_apply(chang
     x = torch.randn(1, 5, 5, 16)
     with torch.no_grad():
         torch.testing.assert_close(module.inference_forward(x, torch.float32), module(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 64), (3, 40), (1, 3, 3, 33), (4, 256)], ids=str)
+@pytest.mark.parametrize("with_scale", [False, True], ids=["no_scale", "layer_scale"])
+def test_add_layer_norm_matches_float64(shape, with_scale, isa):
+    gen = torch.Generator().manual_seed(2)
+    channels = shape[-1]
+    x, residual = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen) * 3 + 1
+    scale = torch.rand(channels, generator=gen) if with_scale else None
+    gamma, beta = torch.rand(channels, generator=gen) + 0.5, torch.rand(channels, generator=gen) - 0.5
+    total = x.clone()
+    normed = ADD_LN_(total, residual, scale, gamma, beta, 1e-6)
+    assert normed.shape == x.shape
+    want_total = residual.double() + (x.double() if scale is None else scale.double() * x.double())
+    if scale is None:
+        assert torch.equal(total, residual + x)  # one float32 addition, as aten's
+    else:
+        torch.testing.assert_close(total.double(), want_total, rtol=1e-6, atol=1e-6)
+    want = F.layer_norm(want_total, (channels,), gamma.double(), beta.double(), 1e-6)
+    torch.testing.assert_close(normed.double(), want, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(normed, F.layer_norm(total, (channels,), gamma, beta, 1e-6), rtol=1e-5, atol=2e-6)
+
+
+def test_add_layer_norm_bad_arguments():
+    x = torch.randn(2, 3, 8)
+    gamma, beta = torch.ones(8), torch.zeros(8)
+    with pytest.raises(RuntimeError, match="same shape"):
+        ADD_LN_(x, x[:1], None, gamma, beta, 1e-6)
+    with pytest.raises(RuntimeError, match="float32 CPU"):
+        ADD_LN_(x.double(), x.double(), None, gamma, beta, 1e-6)
+    with pytest.raises(RuntimeError, match="norm's weight and bias"):
+        ADD_LN_(x, x, None, gamma[:4], beta, 1e-6)
+    with pytest.raises(RuntimeError, match="scale must be"):
+        ADD_LN_(x, x, torch.ones(3), gamma, beta, 1e-6)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        ADD_LN_(x.transpose(0, 1), x.transpose(0, 1), None, gamma, beta, 1e-6)
+    assert ADD_LN_(x[:0], x[:0], None, gamma, beta, 1e-6).shape == (0, 3, 8)

@@ -62,6 +62,42 @@ DCNV3_INLINE float gelu_erf(float x) {
   return 0.5f * x * (x >= 0.0f ? 2.0f - erfc : erfc);
 }
 
+// Sum of v[0..n) in 8 partial sums (one vector register), added pairwise at the end.
+DCNV3_INLINE float sum8(const float* v, int64_t n) {
+  float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    for (int l = 0; l < 8; ++l) part[l] += v[c + l];
+  }
+  float tail = 0.0f;
+  for (; c < n; ++c) tail += v[c];
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7])) + tail;
+}
+
+// LayerNorm of the C values at v (their mean, then their mean squared deviation), then the
+// GELU if kGelu, written to dst.
+template <bool kGelu>
+DCNV3_INLINE void normalize_pixel(const float* v, int64_t C, const float* gamma, const float* beta, float eps, float* dst) {
+  const float inv_c = 1.0f / float(C);
+  const float mean = sum8(v, C) * inv_c;
+  float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    for (int l = 0; l < 8; ++l) {
+      const float d = v[c + l] - mean;
+      part[l] += d * d;
+    }
+  }
+  float squares = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+  for (; c < C; ++c) squares += (v[c] - mean) * (v[c] - mean);
+  const float rstd = 1.0f / std::sqrt(squares * inv_c + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < C; ++i) {
+    const float y = (v[i] - mean) * rstd * gamma[i] + beta[i];
+    dst[i] = kGelu ? gelu_erf(y) : y;
+  }
+}
+
 struct DwArgs {
   const float* input;   // (N, H, W, C)
   const float* weight;  // (k * k, C): tap-major, channels contiguous
@@ -79,7 +115,6 @@ constexpr int64_t kBlock = 32;
 template <typename scalar_t, int CG>
 DCNV3_INLINE void dw_conv_ln_gelu_rows(const DwArgs& a, int64_t begin, int64_t end, float* acc) {
   const int64_t C = a.channels, k = a.kernel, pad = k / 2, H = a.height, W = a.width;
-  const float inv_c = 1.0f / float(C);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / H, h = row % H;
     const int64_t i0 = std::max<int64_t>(0, pad - h), i1 = std::min<int64_t>(k, H + pad - h);
@@ -110,25 +145,20 @@ DCNV3_INLINE void dw_conv_ln_gelu_rows(const DwArgs& a, int64_t begin, int64_t e
         }
         acc[c] = sum;
       }
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < C; ++c) sum += acc[c];
-      const float mean = sum * inv_c;
-      float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-      for (int64_t c = 0; c < C; ++c) {
-        const float d = acc[c] - mean;
-        squares += d * d;
-      }
-      const float rstd = 1.0f / std::sqrt(squares * inv_c + a.eps);
-      float* dst = a.output + (row * W + w) * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) dst[c] = gelu_erf((acc[c] - mean) * rstd * a.gamma[c] + a.beta[c]);
+      normalize_pixel<true>(acc, C, a.gamma, a.beta, a.eps, a.output + (row * W + w) * C);
     }
   }
 }
 
 DCNV3_DEFINE_ISA_VARIANTS(dw_conv_ln_gelu_rows)
+
+void check_norm_params(const char* op, int64_t C, const at::Tensor& weight, const at::Tensor& bias) {
+  for (const at::Tensor* t : {&weight, &bias}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->numel() == C, op,
+                ": the norm's weight and bias must be float32 CPU tensors of C = ", C, " elements, got ",
+                t->scalar_type(), " on ", t->device(), " with ", t->numel());
+  }
+}
 
 at::Tensor dw_conv_ln_gelu_cpu(const at::Tensor& input_, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, const at::Tensor& norm_weight,
@@ -139,14 +169,12 @@ at::Tensor dw_conv_ln_gelu_cpu(const at::Tensor& input_, const at::Tensor& weigh
                   weight.size(2) % 2 == 1,
               "dw_conv_ln_gelu: weight must be a depthwise (C, 1, k, k) kernel of odd k for C = ", C, ", got ",
               weight.sizes());
-  for (const at::Tensor* t : {&input_, &weight, &norm_weight, &norm_bias}) {
+  for (const at::Tensor* t : {&input_, &weight}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat,
-                "dw_conv_ln_gelu: tensors must be float32 CPU tensors, got ", t->scalar_type(), " on ",
+                "dw_conv_ln_gelu: input and weight must be float32 CPU tensors, got ", t->scalar_type(), " on ",
                 t->device());
   }
-  TORCH_CHECK(norm_weight.numel() == C && norm_bias.numel() == C,
-              "dw_conv_ln_gelu: the norm's weight and bias must have C = ", C, " elements, got ",
-              norm_weight.numel(), " and ", norm_bias.numel());
+  check_norm_params("dw_conv_ln_gelu", C, norm_weight, norm_bias);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->numel() == C,
@@ -182,8 +210,82 @@ at::Tensor dw_conv_ln_gelu_cpu(const at::Tensor& input_, const at::Tensor& weigh
   return output;
 }
 
+
+struct AddNormArgs {
+  const float* x;         // (pixels, C): a block branch's output
+  const float* residual;  // (pixels, C)
+  const float* scale;     // (C) or null: the branch's layer scale
+  const float* gamma;     // (C), the norm's weight
+  const float* beta;      // (C), the norm's bias
+  float* sum;             // (pixels, C): residual + scale * x (may be x itself)
+  float* normed;          // (pixels, C): LayerNorm(sum)
+  int64_t channels;
+  float eps;
+};
+
+template <typename scalar_t, int CG>
+DCNV3_INLINE void add_layer_norm_pixels(const AddNormArgs& a, int64_t begin, int64_t end) {
+  const int64_t C = a.channels;
+  for (int64_t p = begin; p < end; ++p) {
+    const float* x = a.x + p * C;
+    const float* r = a.residual + p * C;
+    float* s = a.sum + p * C;
+    if (a.scale != nullptr) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) s[c] = r[c] + a.scale[c] * x[c];
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) s[c] = r[c] + x[c];
+    }
+    normalize_pixel<false>(s, C, a.gamma, a.beta, a.eps, a.normed + p * C);
+  }
+}
+
+DCNV3_DEFINE_ISA_VARIANTS(add_layer_norm_pixels)
+
+// x <- residual + scale * x (in place: x is the block branch's own output), returns
+// LayerNorm(x) over the last dimension.
+at::Tensor add_layer_norm_cpu(at::Tensor& x, const at::Tensor& residual_, const c10::optional<at::Tensor>& scale,
+                              const at::Tensor& norm_weight, const at::Tensor& norm_bias, double eps) {
+  TORCH_CHECK(x.dim() >= 1 && x.sizes() == residual_.sizes(), "add_layer_norm_: x and residual must have the same "
+              "shape, got ", x.sizes(), " and ", residual_.sizes());
+  for (const at::Tensor* t : {static_cast<const at::Tensor*>(&x), &residual_}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat,
+                "add_layer_norm_: x and residual must be float32 CPU tensors, got ", t->scalar_type(), " on ",
+                t->device());
+  }
+  TORCH_CHECK(x.is_contiguous(), "add_layer_norm_: x must be contiguous (it is updated in place)");
+  const int64_t C = x.size(-1);
+  check_norm_params("add_layer_norm_", C, norm_weight, norm_bias);
+  const bool has_scale = scale.has_value() && scale->defined();
+  if (has_scale) {
+    TORCH_CHECK(scale->device().is_cpu() && scale->scalar_type() == at::kFloat && scale->numel() == C,
+                "add_layer_norm_: scale must be a float32 CPU tensor of C = ", C, " elements");
+  }
+  const at::Tensor residual = residual_.contiguous();
+  at::Tensor normed = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t pixels = C == 0 ? 0 : x.numel() / C;
+  if (pixels == 0) return normed;
+  const at::Tensor gamma = norm_weight.contiguous(), beta = norm_bias.contiguous();
+  const at::Tensor scale_values = has_scale ? scale->contiguous() : at::Tensor();
+  float* sum = x.mutable_data_ptr<float>();
+  const AddNormArgs args{sum, residual.const_data_ptr<float>(), has_scale ? scale_values.const_data_ptr<float>() : nullptr,
+                         gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), sum,
+                         normed.mutable_data_ptr<float>(), C, float(eps)};
+  const Isa isa = current_isa();
+  // ~10 operations per value: about 2^16 of them per chunk is worth a thread.
+  const int64_t grain = std::max<int64_t>(1, 65536 / (10 * C));
+  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
+    add_layer_norm_pixels_dispatch<float, 0>(isa, args, begin, end);
+  });
+  return normed;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ops_dcnv3, CPU, m) { m.impl("dw_conv_ln_gelu", &dw_conv_ln_gelu_cpu); }
+TORCH_LIBRARY_IMPL(ops_dcnv3, CPU, m) {
+  m.impl("dw_conv_ln_gelu", &dw_conv_ln_gelu_cpu);
+  m.impl("add_layer_norm_", &add_layer_norm_cpu);
+}
 
 }  // namespace ops_dcnv3
