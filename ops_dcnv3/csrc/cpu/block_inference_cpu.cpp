@@ -20,37 +20,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "isa.h"
+#include "vec_math.h"
 
 namespace ops_dcnv3 {
 namespace {
-
-DCNV3_INLINE float float_from_bits(int32_t bits) {
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
-
-// e^x for x <= 0 in operations that vectorise (no libm call): x = k ln2 + r with |r| <= ln2/2,
-// e^r by its Taylor polynomial to degree 7 (remainder below 6e-9 relative) and 2^k from the
-// exponent bits. Below -87 (e^-87 ~ 1.6e-38, the smallest normal range) it returns e^-87.
-DCNV3_INLINE float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - k * 0.693145751953125f) - k * 1.42860682030941723e-6f;  // ln 2 in two parts
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return p * float_from_bits((int32_t(k) + 127) << 23);
-}
 
 // x/2 (1 + erf(x / sqrt 2)), the exact (not tanh) GELU.
 DCNV3_INLINE float gelu_erf(float x) {

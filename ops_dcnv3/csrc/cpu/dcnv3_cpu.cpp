@@ -39,6 +39,7 @@
 
 #include "../dcnv3.h"
 #include "isa.h"
+#include "vec_math.h"
 
 namespace ops_dcnv3 {
 namespace {
@@ -47,16 +48,6 @@ namespace {
 // operations that the compiler vectorises in the channel loops: bfloat16 is the high half
 // of a float32, and float16 is rebiased (c10::Half calls a scalar routine unless the whole
 // file is compiled with F16C). Exact for every value, NaN and +-Inf included.
-DCNV3_INLINE float bits_to_float(uint32_t bits) {
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
-DCNV3_INLINE uint32_t float_to_bits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return bits;
-}
 template <typename T>
 DCNV3_INLINE at::opmath_type<T> widen(T value) {
   return static_cast<at::opmath_type<T>>(value);
@@ -118,31 +109,6 @@ struct Params {
   int64_t offset_row = 0, mask_row = 0;
 };
 
-// exp(z) of the softmax, whose arguments are logits minus their maximum (z <= 0, NaN, or
-// -Inf). float64: std::exp. float32: 2^n * e^r with n = round(z / ln 2) and a degree-7
-// polynomial for e^r (Cephes' expf coefficients), within 2 ulp of std::exp; branch-free, so
-// the compiler vectorises loops of it (libm's expf is a call per value). Below -87.3 the
-// result would be subnormal and is 0 (std::exp gives at most 1.2e-38 there): after the
-// division by the sum, which is at least 1, no weight differs by more than that.
-DCNV3_INLINE double softmax_exp(double z) { return std::exp(z); }
-DCNV3_INLINE float softmax_exp(float z) {
-  const float n = std::floor(z * 1.44269504088896341f + 0.5f);
-  float r = z - n * 0.693359375f;  // ln 2 in two parts (Cody-Waite): exact product
-  r = r - n * -2.12194440e-4f;
-  float e = 1.9875691500e-4f;
-  e = e * r + 1.3981999507e-3f;
-  e = e * r + 8.3334519073e-3f;
-  e = e * r + 4.1665795894e-2f;
-  e = e * r + 1.6666665459e-1f;
-  e = e * r + 5.0000001201e-1f;
-  e = e * r * r + r + 1.0f;
-  // 2^n for n in [-126, 0]; n is clamped into that range (NaN to -126: std::max returns its
-  // first argument then), and the select gives 0 below -87.3, NaN for a NaN z (e is NaN).
-  const int32_t exponent = static_cast<int32_t>(std::min(0.0f, std::max(-126.0f, n))) + 127;
-  const float result = e * bits_to_float(static_cast<uint32_t>(exponent) << 23);
-  return z < -87.3f ? 0.0f : result;
-}
-
 // The sampling weights of one (pixel, group): the mask values, or their softmax over the
 // P points when p.softmax (max subtracted first, as torch.softmax does).
 template <typename scalar_t, typename acc_t>
@@ -155,7 +121,7 @@ inline void sampling_weights(const scalar_t* mask, int64_t points, bool softmax,
   for (int64_t k = 1; k < points; ++k) largest = std::max(largest, widen(mask[k]));
   acc_t total = 0;
   for (int64_t k = 0; k < points; ++k) {
-    weights[k] = softmax_exp(widen(mask[k]) - largest);
+    weights[k] = exp_nonpositive(widen(mask[k]) - largest);
     total += weights[k];
   }
   for (int64_t k = 0; k < points; ++k) weights[k] /= total;
@@ -252,7 +218,7 @@ DCNV3_INLINE bool plan_pixel(const scalar_t* __restrict off, const scalar_t* __r
       for (int64_t k = 1; k < P; ++k) largest = std::max(largest, widen(msk[g * P + k]));
       for (int64_t k = 0; k < P; ++k) m[g * P + k] = widen(msk[g * P + k]) - largest;
     }
-    for (int64_t j = 0; j < n; ++j) m[j] = softmax_exp(m[j]);
+    for (int64_t j = 0; j < n; ++j) m[j] = exp_nonpositive(m[j]);
     for (int64_t g = 0; g < p.group; ++g) {
       acc_t sum = 0;
       for (int64_t k = 0; k < P; ++k) sum += m[g * P + k];
@@ -572,7 +538,7 @@ DCNV3_INLINE void plan_backward_chunk(const scalar_t* __restrict off, const scal
     for (int64_t c = 0; c < count; ++c) total[c] = acc_t(0);
     for (int64_t k = 0; k < P; ++k) {
       for (int64_t c = 0; c < count; ++c) {
-        m[k * S + c] = softmax_exp(widen(msk[c * mstep + k]) - largest[c]);
+        m[k * S + c] = exp_nonpositive(widen(msk[c * mstep + k]) - largest[c]);
         total[c] += m[k * S + c];
       }
     }
