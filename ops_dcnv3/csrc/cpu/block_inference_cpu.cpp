@@ -38,15 +38,17 @@ DCNV3_INLINE float gelu_erf(float x) {
   return 0.5f * x * (x >= 0.0f ? 2.0f - erfc : erfc);
 }
 
-// Sum of v[0..n) in 8 partial sums (one vector register), added pairwise at the end.
-DCNV3_INLINE float sum8(const float* v, int64_t n) {
+// Sum of value(c) for c in [0, n), in 8 partial sums (one vector register) added pairwise at
+// the end.
+template <typename F>
+DCNV3_INLINE float sum8(int64_t n, const F& value) {
   float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
-    for (int l = 0; l < 8; ++l) part[l] += v[c + l];
+    for (int l = 0; l < 8; ++l) part[l] += value(c + l);
   }
   float tail = 0.0f;
-  for (; c < n; ++c) tail += v[c];
+  for (; c < n; ++c) tail += value(c);
   return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7])) + tail;
 }
 
@@ -55,17 +57,8 @@ DCNV3_INLINE float sum8(const float* v, int64_t n) {
 template <bool kGelu>
 DCNV3_INLINE void normalize_pixel(const float* v, int64_t C, const float* gamma, const float* beta, float eps, float* dst) {
   const float inv_c = 1.0f / float(C);
-  const float mean = sum8(v, C) * inv_c;
-  float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-  int64_t c = 0;
-  for (; c + 8 <= C; c += 8) {
-    for (int l = 0; l < 8; ++l) {
-      const float d = v[c + l] - mean;
-      part[l] += d * d;
-    }
-  }
-  float squares = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-  for (; c < C; ++c) squares += (v[c] - mean) * (v[c] - mean);
+  const float mean = sum8(C, [v](int64_t c) { return v[c]; }) * inv_c;
+  const float squares = sum8(C, [v, mean](int64_t c) { return (v[c] - mean) * (v[c] - mean); });
   const float rstd = 1.0f / std::sqrt(squares * inv_c + eps);
 #pragma omp simd
   for (int64_t i = 0; i < C; ++i) {
@@ -128,12 +121,16 @@ DCNV3_INLINE void dw_conv_ln_gelu_rows(const DwArgs& a, int64_t begin, int64_t e
 
 DCNV3_DEFINE_ISA_VARIANTS(dw_conv_ln_gelu_rows)
 
+// A per-channel parameter: a float32 CPU tensor of C elements.
+void check_channels(const char* op, const char* what, const at::Tensor& t, int64_t C) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == C, op, ": ", what,
+              " must be float32, on the CPU, with C = ", C, " elements; got ", t.scalar_type(), " on ", t.device(),
+              " with ", t.numel());
+}
+
 void check_norm_params(const char* op, int64_t C, const at::Tensor& weight, const at::Tensor& bias) {
-  for (const at::Tensor* t : {&weight, &bias}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->numel() == C, op,
-                ": the norm's weight and bias must be float32 CPU tensors of C = ", C, " elements, got ",
-                t->scalar_type(), " on ", t->device(), " with ", t->numel());
-  }
+  check_channels(op, "the norm's weight and bias", weight, C);
+  check_channels(op, "the norm's weight and bias", bias, C);
 }
 
 at::Tensor dw_conv_ln_gelu_cpu(const at::Tensor& input_, const at::Tensor& weight,
@@ -152,10 +149,7 @@ at::Tensor dw_conv_ln_gelu_cpu(const at::Tensor& input_, const at::Tensor& weigh
   }
   check_norm_params("dw_conv_ln_gelu", C, norm_weight, norm_bias);
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) {
-    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->numel() == C,
-                "dw_conv_ln_gelu: bias must be a float32 CPU tensor of C = ", C, " elements");
-  }
+  if (has_bias) check_channels("dw_conv_ln_gelu", "bias", *bias, C);
   const int64_t k = weight.size(2);
   const at::Tensor input = input_.contiguous();
   at::Tensor output = at::empty_like(input);
@@ -186,15 +180,13 @@ at::Tensor dw_conv_ln_gelu_cpu(const at::Tensor& input_, const at::Tensor& weigh
   return output;
 }
 
-
 struct AddNormArgs {
-  const float* x;         // (pixels, C): a block branch's output
+  float* x;               // (pixels, C): a block branch's output, becomes residual + scale * x
   const float* residual;  // (pixels, C)
   const float* scale;     // (C) or null: the branch's layer scale
   const float* gamma;     // (C), the norm's weight
   const float* beta;      // (C), the norm's bias
-  float* sum;             // (pixels, C): residual + scale * x (may be x itself)
-  float* normed;          // (pixels, C): LayerNorm(sum)
+  float* normed;          // (pixels, C): LayerNorm of the sum
   int64_t channels;
   float eps;
 };
@@ -203,17 +195,16 @@ template <typename scalar_t, int CG>
 DCNV3_INLINE void add_layer_norm_pixels(const AddNormArgs& a, int64_t begin, int64_t end) {
   const int64_t C = a.channels;
   for (int64_t p = begin; p < end; ++p) {
-    const float* x = a.x + p * C;
+    float* x = a.x + p * C;
     const float* r = a.residual + p * C;
-    float* s = a.sum + p * C;
     if (a.scale != nullptr) {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) s[c] = r[c] + a.scale[c] * x[c];
+      for (int64_t c = 0; c < C; ++c) x[c] = r[c] + a.scale[c] * x[c];
     } else {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) s[c] = r[c] + x[c];
+      for (int64_t c = 0; c < C; ++c) x[c] = r[c] + x[c];
     }
-    normalize_pixel<false>(s, C, a.gamma, a.beta, a.eps, a.normed + p * C);
+    normalize_pixel<false>(x, C, a.gamma, a.beta, a.eps, a.normed + p * C);
   }
 }
 
@@ -234,20 +225,16 @@ at::Tensor add_layer_norm_cpu(at::Tensor& x, const at::Tensor& residual_, const 
   const int64_t C = x.size(-1);
   check_norm_params("add_layer_norm_", C, norm_weight, norm_bias);
   const bool has_scale = scale.has_value() && scale->defined();
-  if (has_scale) {
-    TORCH_CHECK(scale->device().is_cpu() && scale->scalar_type() == at::kFloat && scale->numel() == C,
-                "add_layer_norm_: scale must be a float32 CPU tensor of C = ", C, " elements");
-  }
+  if (has_scale) check_channels("add_layer_norm_", "scale", *scale, C);
   const at::Tensor residual = residual_.contiguous();
   at::Tensor normed = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t pixels = C == 0 ? 0 : x.numel() / C;
   if (pixels == 0) return normed;
   const at::Tensor gamma = norm_weight.contiguous(), beta = norm_bias.contiguous();
   const at::Tensor scale_values = has_scale ? scale->contiguous() : at::Tensor();
-  float* sum = x.mutable_data_ptr<float>();
-  const AddNormArgs args{sum, residual.const_data_ptr<float>(), has_scale ? scale_values.const_data_ptr<float>() : nullptr,
-                         gamma.const_data_ptr<float>(), beta.const_data_ptr<float>(), sum,
-                         normed.mutable_data_ptr<float>(), C, float(eps)};
+  const AddNormArgs args{x.mutable_data_ptr<float>(), residual.const_data_ptr<float>(),
+                         has_scale ? scale_values.const_data_ptr<float>() : nullptr, gamma.const_data_ptr<float>(),
+                         beta.const_data_ptr<float>(), normed.mutable_data_ptr<float>(), C, float(eps)};
   const Isa isa = current_isa();
   // ~10 operations per value: about 2^16 of them per chunk is worth a thread.
   const int64_t grain = std::max<int64_t>(1, 65536 / (10 * C));
