@@ -283,12 +283,59 @@ def test_block_inference_path_equals_the_module_path(arch, monkeypatch):
     with torch.inference_mode():
         got = model(x)
         assert len(taken) == 5
-        assert len(fused_sums) == (0 if "post-norm" in arch else 5)
+        # pre-norm: each block's two residual sums, each with the norm after it (the second
+        # block's LN, the next block's first or the stage's: InternImageStage._fused_inference_forward)
+        assert len(fused_sums) == (0 if "post-norm" in arch else 10)
         monkeypatch.setattr(backbone, "inference_dtype", lambda *args: None)
         want = model(x)
     assert len(taken) == 5
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_conv
+def test_stage_fuses_each_last_residual_sum_with_the_next_norm_only_where_nothing_is_bypassed(monkeypatch):
+    """In inference a stage of pre-norm blocks makes each block's last residual sum together
+    with the LayerNorm after it (the next block's first, after the last block the stage's);
+    a hook on a block or on the stage's norm, level-2 post norms or autograd keep the blocks
+    called one by one, with the same results."""
+    from internimage.models import backbone
+
+    def build(**arch):
+        torch.manual_seed(0)
+        model = InternImage(channels=16, depths=[2, 1, 3, 1], groups=[1, 2, 4, 8], drop_path_rate=0.0, **arch).eval()
+        for name, param in model.named_parameters():  # norms with non-trivial affine parameters
+            if "norm" in name:
+                param.data.normal_(0, 0.3).add_(1 if name.endswith("weight") else 0)
+        return model
+
+    fused = []
+    stage_path = backbone.InternImageStage._fused_inference_forward
+    monkeypatch.setattr(backbone.InternImageStage, "_fused_inference_forward",
+                        lambda self, x: (lambda out: fused.append(out is not None) or out)(stage_path(self, x)))
+    x = torch.randn(1, 3, 64, 64)
+
+    def run(model):
+        fused.clear()
+        with torch.inference_mode():
+            got = model(x)
+            with monkeypatch.context() as m:
+                m.setattr(backbone, "inference_dtype", lambda *args: None)  # the blocks' module path
+                want = model(x)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        return fused[:len(model.levels)]
+
+    model = build()
+    assert run(model) == [True] * 4
+    seen = []
+    model.levels[2].blocks[1].register_forward_hook(lambda *args: seen.append("block"))
+    model.levels[1].norm.register_forward_pre_hook(lambda *args: seen.append("norm"))
+    assert run(model) == [True, False, False, True] and seen == ["norm", "block"] * 2
+    assert run(build(level2_post_norm=True, level2_post_norm_block_ids=[1])) == [True, True, False, True]  # level 2
+    with torch.no_grad():
+        assert model.levels[0]._fused_inference_forward(torch.randn(1, 16, 16, 16)) is not None
+    assert model.levels[0]._fused_inference_forward(torch.randn(1, 16, 16, 16)) is None  # autograd on
 
 
 @needs_conv

@@ -256,10 +256,22 @@ class InternImageBlock(nn.Module):
                                              structure)
         return structure
 
-    def _inference_forward(self, x, dtype):
+    def _pre_norm_fusable(self) -> bool:
+        """Pre-norm with an affine second norm: the structure whose residual sums
+        _inference_forward fuses with the following norms."""
+        norm2 = self.norm2[0]
+        return not (self.post_norm or self.res_post_norm) and norm2.weight is not None and norm2.bias is not None
+
+    def _inference_forward(self, x, dtype, normed=None, next_norm=None):
         """_forward() in inference (checked by forward()): the same operations, the layers'
         products on oneDNN with packed weights (ops_dcnv3.packed_linear), called directly
-        instead of through the layer modules and their per-call checks."""
+        instead of through the layer modules and their per-call checks.
+
+        A pre-norm block (:meth:`_pre_norm_fusable`) can also take its first norm's output
+        ``normed`` (made by the block before it) and, given the LayerNorm that follows it
+        (``next_norm``: the next block's first or the stage's), return ``(output,
+        next_norm(output))`` with its last residual sum and that norm in one pass (see
+        InternImageStage)."""
         def norm(sequential):
             layer = sequential[0] if sequential is not None else None
             return None if layer is None else (
@@ -268,14 +280,18 @@ class InternImageBlock(nn.Module):
         gamma1 = self.gamma1 if self.layer_scale is not None else None
         gamma2 = self.gamma2 if self.layer_scale is not None else None
         norm1, norm2 = self.norm1[0], self.norm2[0]
-        if not (self.post_norm or self.res_post_norm) and norm2.weight is not None and norm2.bias is not None:
-            # Pre-norm: the first residual sum (in place on the branch's output) and the second
-            # norm in one pass over the pixels (ops_dcnv3.add_layer_norm_), the last sum in place.
-            y = self.dcn.inference_forward(F.layer_norm(x, norm1.normalized_shape, norm1.weight, norm1.bias,
-                                                        norm1.eps), dtype)
+        if self._pre_norm_fusable():
+            # Pre-norm: each residual sum (in place on its branch's output) and the norm after it
+            # in one pass over the pixels (ops_dcnv3.add_layer_norm_); without a next norm, the last
+            # sum in place.
+            if normed is None:
+                normed = F.layer_norm(x, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps)
+            y = self.dcn.inference_forward(normed, dtype)
             h = _ADD_LAYER_NORM_(y, x, gamma1, norm2.weight, norm2.bias, norm2.eps)  # y: the sum
             h = self.mlp.inference_forward(h, dtype)
-            return y.add_(h if gamma2 is None else h.mul_(gamma2))
+            if next_norm is None:
+                return y.add_(h if gamma2 is None else h.mul_(gamma2))
+            return h, _ADD_LAYER_NORM_(h, y, gamma2, next_norm.weight, next_norm.bias, next_norm.eps)  # h: the sum
         # Each branch's output is a new tensor of this function's: the sums are made in place
         # (x + y and y + x are the same sum).
         x = self._branch(x, lambda t: self.dcn.inference_forward(t, dtype), norm(self.norm1),
@@ -311,16 +327,51 @@ class InternImageStage(nn.Module):
         self.downsample = DownsampleLayer(channels=channels, norm_layer=norm_layer) if downsample else None
 
     def forward(self, x, return_wo_downsample=False):
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if self.post_norm_block_ids is not None and i in self.post_norm_block_ids:
-                x = self.post_norms[self.post_norm_block_ids.index(i)](x)
-        if self.has_norm:
-            x = self.norm(x)
+        fused = self._fused_inference_forward(x)
+        if fused is not None:
+            x = fused
+        else:
+            for i, block in enumerate(self.blocks):
+                x = block(x)
+                if self.post_norm_block_ids is not None and i in self.post_norm_block_ids:
+                    x = self.post_norms[self.post_norm_block_ids.index(i)](x)
+            if self.has_norm:
+                x = self.norm(x)
         features = x
         if self.downsample is not None:
             x = self.downsample(x)
         return (x, features) if return_wo_downsample else x
+
+    def _fused_inference_forward(self, x):
+        """The blocks and the stage's norm in inference, where every block takes its packed
+        inference path (see InternImageBlock.forward) and is pre-norm: each block's last
+        residual sum is made in one pass with the LayerNorm after it (the next block's first
+        norm, after the last block the stage's), which saves a pass over the features and a
+        call per block (InternImage-T: 30 sums, with 26 blocks' first norms and the 4 stages'
+        norms). Returns the stage's normalised features, or None where this does not apply
+        (training, autograd, hooks on a block or the stage's norm, level-2 post norms,
+        post-norm blocks, a norm without affine parameters): the blocks are then called one by one."""
+        if (self.training or torch.is_grad_enabled() or not self.has_norm or self.post_norm_block_ids is not None
+                or x.requires_grad):
+            return None
+        norms = [block.norm1 for block in self.blocks[1:]] + [self.norm]
+        for norm in norms:
+            if not (type(norm) is nn.Sequential and len(norm) == 1 and type(norm[0]) is nn.LayerNorm
+                    and norm[0].weight is not None and norm[0].bias is not None and not norm.training
+                    and not any(m._forward_hooks or m._forward_pre_hooks for m in (norm, norm[0]))):
+                return None
+        dtypes = []
+        for block in self.blocks:
+            structure = block._inference_structure()
+            dtype = None if structure is None else inference_dtype(*structure, x)
+            if (dtype is None or not block._pre_norm_fusable() or block._forward_hooks or block._forward_pre_hooks
+                    or type(block).forward is not InternImageBlock.forward):
+                return None
+            dtypes.append(dtype)
+        normed = None
+        for block, dtype, norm in zip(self.blocks, dtypes, norms):
+            x, normed = block._inference_forward(x, dtype, normed, norm[0])
+        return normed
 
 
 def resolve_arch(arch: Union[str, dict, None], **explicit) -> dict:
