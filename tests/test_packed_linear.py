@@ -336,6 +336,9 @@ def test_stage_fuses_each_last_residual_sum_with_the_next_norm_only_where_nothin
     with torch.no_grad():
         assert model.levels[0]._fused_inference_forward(torch.randn(1, 16, 16, 16)) is not None
     assert model.levels[0]._fused_inference_forward(torch.randn(1, 16, 16, 16)) is None  # autograd on
+    other = build()
+    other.levels[0].blocks[1].norm1 = torch.nn.Identity()  # a layer the blocks' path does not cover
+    assert run(other) == [False, True, True, True]
 
 
 @needs_conv

@@ -227,11 +227,17 @@ class InternImageBlock(nn.Module):
         if self.with_cp and x.requires_grad:
             return cp.checkpoint(self._forward, x, use_reentrant=False)
         if not self.training and not torch.is_grad_enabled():
-            structure = self._inference_structure()
-            dtype = None if structure is None else inference_dtype(*structure, x)
+            dtype = self._inference_dtype(x)
             if dtype is not None:
                 return self._inference_forward(x, dtype)
         return self._forward(x)
+
+    def _inference_dtype(self, x):
+        """The dtype of :meth:`_inference_forward` for input ``x``, or None where it does not apply
+        (its structure, and ``packed_linear.inference_dtype``: no autograd, hooks on the block or
+        any of its modules, training mode, ...)."""
+        structure = self._inference_structure()
+        return None if structure is None else inference_dtype(*structure, x)
 
     def _inference_structure(self):
         """(all submodules, the weights of the layers it uses) when _inference_forward covers
@@ -354,23 +360,22 @@ class InternImageStage(nn.Module):
         if (self.training or torch.is_grad_enabled() or not self.has_norm or self.post_norm_block_ids is not None
                 or x.requires_grad):
             return None
-        norms = [block.norm1 for block in self.blocks[1:]] + [self.norm]
-        for norm in norms:
-            if not (type(norm) is nn.Sequential and len(norm) == 1 and type(norm[0]) is nn.LayerNorm
-                    and norm[0].weight is not None and norm[0].bias is not None and not norm.training
-                    and not any(m._forward_hooks or m._forward_pre_hooks for m in (norm, norm[0]))):
-                return None
+        norm = self.norm  # the blocks' own norms are checked with their structure
+        if not (type(norm) is nn.Sequential and len(norm) == 1 and type(norm[0]) is nn.LayerNorm
+                and not any(m.training or m._forward_hooks or m._forward_pre_hooks for m in (norm, norm[0]))):
+            return None
         dtypes = []
         for block in self.blocks:
-            structure = block._inference_structure()
-            dtype = None if structure is None else inference_dtype(*structure, x)
-            if (dtype is None or not block._pre_norm_fusable() or block._forward_hooks or block._forward_pre_hooks
-                    or type(block).forward is not InternImageBlock.forward):
+            dtype = block._inference_dtype(x)  # None also for hooks on the block itself
+            if dtype is None or not block._pre_norm_fusable() or type(block).forward is not InternImageBlock.forward:
                 return None
             dtypes.append(dtype)
+        norms = [block.norm1[0] for block in self.blocks[1:]] + [norm[0]]  # LayerNorms: checked above
+        if any(n.weight is None or n.bias is None for n in norms):
+            return None
         normed = None
-        for block, dtype, norm in zip(self.blocks, dtypes, norms):
-            x, normed = block._inference_forward(x, dtype, normed, norm[0])
+        for block, dtype, next_norm in zip(self.blocks, dtypes, norms):
+            x, normed = block._inference_forward(x, dtype, normed, next_norm)
         return normed
 
 
