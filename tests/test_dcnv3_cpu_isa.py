@@ -1,6 +1,7 @@
 """The copies of the CPU kernels compiled per instruction set (baseline, AVX2, AVX-512), each
 forced in turn with ``ops_dcnv3.set_cpu_isa`` and checked against the reference; the 16-bit
-paths (bfloat16 channel pairs, float16 widening, float32 accumulation); ``DCNV3_CPU_ISA``.
+paths (bfloat16 channel pairs and widening, float32 accumulation; float16 through the float32
+kernels); ``DCNV3_CPU_ISA``.
 
 Every copy that this CPU can run is tested; the others are skipped with the reason."""
 import os
@@ -107,7 +108,8 @@ def test_float32_matches_reference(isa, cfg):
 # accumulation leaves only the rounding of the results. group_channels 16 and 32 take the
 # bfloat16 channel-pair loops, 6 the pairs without unrolling, 3 the plain widening loop; a
 # batch of 8 images gives enough (image, group) pairs for the per-pair float32 buffer of
-# the backward, a batch of 1 the banded buffers.
+# the backward, a batch of 1 the banded buffers. float16 is computed by the float32 kernels
+# on the widened values: its results are theirs rounded, bit for bit.
 HALF_CASES = [(16, 8), (16, 1), (32, 8), (32, 1), (6, 8), (3, 1)]
 
 
@@ -128,6 +130,9 @@ def test_16_bit_types_match_float32_on_the_same_values(isa, dtype, tol, group_ch
     assert rel_err(out.float(), expected) < tol
     for grad, expected_grad, name in zip(grads, expected_grads, ("input", "offset", "mask")):
         assert rel_err(grad.float(), expected_grad) < tol, name
+    if dtype == torch.float16:
+        for value, expected_value in zip([out, *grads], [expected, *expected_grads]):
+            torch.testing.assert_close(value, expected_value.to(dtype), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

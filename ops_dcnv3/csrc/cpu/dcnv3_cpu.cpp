@@ -3,7 +3,11 @@
 // Layout is channels-last, so the Cg channels of one group at one pixel are
 // contiguous: every inner loop runs over them and is vectorised by the compiler
 // (compiled for AVX2+FMA and for baseline x86-64, picked at run time).
-// Sums are accumulated in float32 (float64 for float64 inputs).
+// Sums are accumulated in float32 (float64 for float64 inputs). bfloat16 tensors are read
+// and written by the kernels themselves (widened with a shift); float16 ones are converted to
+// float32 once, by ATen (F16C where the CPU has it), and the float32 kernels' results rounded
+// back: widening a float16 in the channel loops cost more than the multiply-adds (GCC 12 does
+// not vectorise _Float16 conversions), which made the op twice as slow as in float32.
 //
 // A sampling location outside the open box (-1, W) x (-1, H) contributes nothing to the
 // output and receives no gradient; the range test happens in floating point before any
@@ -44,10 +48,9 @@
 namespace ops_dcnv3 {
 namespace {
 
-// float32 value of a kernel input. The 16-bit types are widened with integer and float
-// operations that the compiler vectorises in the channel loops: bfloat16 is the high half
-// of a float32, and float16 is rebiased (c10::Half calls a scalar routine unless the whole
-// file is compiled with F16C). Exact for every value, NaN and +-Inf included.
+// float32 value of a kernel input. bfloat16 is the high half of a float32: widened with an
+// integer shift that the compiler vectorises in the channel loops. Exact for every value,
+// NaN and +-Inf included.
 template <typename T>
 DCNV3_INLINE at::opmath_type<T> widen(T value) {
   return static_cast<at::opmath_type<T>>(value);
@@ -56,22 +59,9 @@ template <>
 DCNV3_INLINE float widen(c10::BFloat16 value) {
   return bits_to_float(uint32_t(value.x) << 16);
 }
-template <>
-DCNV3_INLINE float widen(c10::Half value) {
-  const uint32_t magnitude = value.x & 0x7fffu, sign = uint32_t(value.x & 0x8000u) << 16;
-  // Normal numbers: exponent rebiased by 127 - 15 (twice for Inf/NaN, whose exponent must
-  // become 255); subnormals (and zero): magnitude x 2^-24. Selected with bit masks, not
-  // branches or ?:, which kept GCC 12 from vectorising the loops.
-  const uint32_t rebias = 0x38000000u + uint32_t(magnitude >= 0x7c00u) * 0x38000000u;
-  const uint32_t normal = (magnitude << 13) + rebias;
-  const uint32_t subnormal = float_to_bits(float(int32_t(magnitude)) * 0x1p-24f);
-  const uint32_t is_subnormal = 0u - uint32_t(magnitude < 0x0400u);
-  return bits_to_float((subnormal & is_subnormal) | (normal & ~is_subnormal) | sign);
-}
 
 // A float32 result stored in the kernel's type, rounded to nearest even. bfloat16: integer
-// rounding with a mask for NaN (vectorised); float16: a _Float16 conversion, one F16C
-// instruction in the AVX2 and AVX-512 copies (a libgcc call in the baseline copy).
+// rounding with a mask for NaN (vectorised).
 template <typename T>
 DCNV3_INLINE T narrow(at::opmath_type<T> value) {
   return static_cast<T>(value);
@@ -82,13 +72,6 @@ DCNV3_INLINE c10::BFloat16 narrow(float value) {
   const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
   const uint32_t is_nan = 0u - uint32_t(value != value);
   return c10::BFloat16(uint16_t((0x7fc0u & is_nan) | (rounded & ~is_nan)), c10::BFloat16::from_bits());
-}
-template <>
-DCNV3_INLINE c10::Half narrow(float value) {
-  const _Float16 half = static_cast<_Float16>(value);
-  uint16_t bits;
-  std::memcpy(&bits, &half, sizeof(bits));
-  return c10::Half(bits, c10::Half::from_bits());
 }
 
 // Channels 2i and 2i + 1 of a bfloat16 vector as one 32-bit word (channel 2i in the low half).
@@ -915,6 +898,12 @@ at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_
                                         pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
                                         remove_center);
   TORCH_CHECK(input_.device().is_cpu(), "dcnv3_forward_cpu: tensors must be on the CPU");
+  if (input_.scalar_type() == at::kHalf) {  // in float32, rounded once (see the top of the file)
+    return dcnv3_forward_cpu(input_.to(at::kFloat), offset_.to(at::kFloat), mask_.to(at::kFloat), kernel_h,
+                             kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+                             group_channels, offset_scale, remove_center, softmax)
+        .to(at::kHalf);
+  }
   Params p = make_params(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
                          group_channels, offset_scale, remove_center, softmax);
   const Isa isa = current_isa();
@@ -931,7 +920,7 @@ at::Tensor dcnv3_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_
   if (pixels == 0 || geo.channels == 0) return output;
   // Roughly 4 * P * C multiply-adds per pixel: ~2^14 of them per chunk is worth a thread.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 4 * geo.points * geo.channels));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnv3_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "dcnv3_forward_cpu", [&] {
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     const scalar_t* off = offset.const_data_ptr<scalar_t>();
     const scalar_t* msk = mask.const_data_ptr<scalar_t>();
@@ -1042,6 +1031,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
               at::IntArrayRef(out_shape), ", got ", grad_output_.sizes());
   TORCH_CHECK(grad_output_.scalar_type() == input_.scalar_type(), "dcnv3: grad_output must have dtype ",
               input_.scalar_type(), ", got ", grad_output_.scalar_type());
+  if (input_.scalar_type() == at::kHalf) {  // in float32, rounded once (see the top of the file)
+    auto grads = dcnv3_backward_cpu(grad_output_.to(at::kFloat), input_.to(at::kFloat), offset_.to(at::kFloat),
+                                    mask_.to(at::kFloat), kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                                    dilation_h, dilation_w, group, group_channels, offset_scale, remove_center,
+                                    softmax);
+    return {std::get<0>(grads).to(at::kHalf), std::get<1>(grads).to(at::kHalf), std::get<2>(grads).to(at::kHalf)};
+  }
   const Params p = make_params(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
                                dilation_w, group, group_channels, offset_scale, remove_center, softmax);
   const at::Tensor grad_output = grad_output_.contiguous(), input = input_.contiguous(),
@@ -1063,7 +1059,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward_cpu(
       pairs >= 4 * threads ? 1 : std::min<int64_t>(geo.height_out, (4 * threads + pairs - 1) / pairs);
   const bool direct = wanted_bands == 1 && at::toOpMathType(input.scalar_type()) == input.scalar_type();
   at::Tensor grad_input = direct ? at::zeros_like(input) : at::empty_like(input);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnv3_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "dcnv3_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
     const scalar_t* in = input.const_data_ptr<scalar_t>();
