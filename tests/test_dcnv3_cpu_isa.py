@@ -217,3 +217,26 @@ def test_the_two_forward_paths_agree(isa, dtype, softmax):
     torch.testing.assert_close(after[1, 3, 4, finite], before[1, 3, 4, finite], rtol=tol, atol=tol)
     if not softmax:
         assert torch.isinf(after[1, 3, 4, 16:32]).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_non_finite_input_values_reach_only_the_outputs_that_read_them(isa, dtype):
+    """+-Inf and NaN pixels of the input, on the border and inside: an output channel is NaN or
+    +-Inf exactly where the reference's is (a corner outside the image adds nothing, also
+    when the kernels read a pixel inside for it with weight 0), the others are unchanged."""
+    input, offset, mask, params = make_case(2, 6, 7, 3, 3, 1, 1, 1, 1, 1, 1, 2, 16, 1.0, False,
+                                            dtype=torch.float32, offset_range=2.5, seed=4)
+    input[0, 0, :, 3] = float("inf")  # the top row, one channel of group 0
+    input[0, :, -1, 20] = float("-inf")  # the right column, one channel of group 1
+    input[1, 5, 0, :] = float("nan")  # a corner pixel, every channel
+    input[1, 2, 3, 7] = float("nan")  # inside the image
+    tensors = [t.to(dtype) for t in (input, offset, mask)]
+    out = dcnv3(*tensors, *params).double()
+    expected = dcnv3_reference(*[t.double() for t in tensors], *params)
+    for test in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(test(out), test(expected)), test.__name__
+    finite = torch.isfinite(expected)
+    assert (~finite).any() and finite.float().mean() > 0.5
+    assert rel_err(out[finite], expected[finite]) < {torch.bfloat16: 1e-2}.get(dtype, 1e-5)
+    clean = dcnv3(*[t.to(dtype) for t in (torch.randn_like(input), offset, mask)], *params)
+    assert torch.isfinite(clean).all()

@@ -168,9 +168,11 @@ inline bool locate(acc_t x, acc_t y, int64_t height, int64_t width, Corners<acc_
 // The sampling points of one output pixel, all groups (index j = g * P + k), worked out in
 // loops over j that the compiler vectorises (the per-point arithmetic otherwise costs more
 // than the multiply-adds over a group's 16 or 32 channels): the mask weight m folded into
-// the four bilinear corner weights, each corner's pixel index (y * W + x, -1 outside the
-// image) and whether the location lies in the box (-1, W) x (-1, H) at all. The operations
-// are those of forward_pixel_exact (results equal up to how the compiler fuses multiply-adds).
+// the four bilinear corner weights (0 for a corner outside the image), each corner's element
+// offset in the image ((y * W + x) * C, clamped into the image: a corner outside it reads a
+// pixel inside with weight 0, so that the channel loops need no select) and whether the
+// location lies in the box (-1, W) x (-1, H) at all. The operations are those of
+// forward_pixel_exact (results equal up to how the compiler fuses multiply-adds).
 template <typename acc_t>
 struct PixelPlan {
   std::vector<acc_t> grid_x, grid_y;  // the kernel grid, repeated for each group
@@ -188,7 +190,7 @@ struct PixelPlan {
 
 // Fills `plan` for the pixel whose offsets and mask values start at off and msk. Returns
 // false when a location or a sampling weight is not finite (the pixel then takes
-// forward_pixel_exact). Needs height_in * width_in < 2^31 (int32 pixel indices).
+// forward_pixel_exact). Needs height_in * width_in * channels < 2^31 (int32 offsets).
 template <typename scalar_t, typename acc_t>
 DCNV3_INLINE bool plan_pixel(const scalar_t* __restrict off, const scalar_t* __restrict msk, acc_t base_x,
                              acc_t base_y, const Geometry& geo, const Params& p, PixelPlan<acc_t>& plan) {
@@ -219,6 +221,7 @@ DCNV3_INLINE bool plan_pixel(const scalar_t* __restrict off, const scalar_t* __r
           *__restrict i3 = plan.i3.data(), *__restrict inside = plan.inside.data();
   const acc_t scale = acc_t(p.offset_scale), width_f = acc_t(geo.width_in), height_f = acc_t(geo.height_in);
   const int32_t width = static_cast<int32_t>(geo.width_in), height = static_cast<int32_t>(geo.height_in);
+  const int32_t channels = static_cast<int32_t>(geo.channels);
   int32_t bad = 0;
   // (simd: after inlining, GCC 12 no longer trusts the restrict pointers and gives up on
   // runtime alias checks for this many arrays.)
@@ -243,10 +246,12 @@ DCNV3_INLINE bool plan_pixel(const scalar_t* __restrict off, const scalar_t* __r
     w1[j] = mj * (top & right ? hy * lx : acc_t(0));
     w2[j] = mj * (bottom & left ? ly * hx : acc_t(0));
     w3[j] = mj * (bottom & right ? ly * lx : acc_t(0));
-    i0[j] = top & left ? y0 * width + x0 : -1;
-    i1[j] = top & right ? y0 * width + x0 + 1 : -1;
-    i2[j] = bottom & left ? (y0 + 1) * width + x0 : -1;
-    i3[j] = bottom & right ? (y0 + 1) * width + x0 + 1 : -1;
+    const int32_t xl = std::min(std::max(x0, 0), width - 1), xr = std::min(std::max(x0 + 1, 0), width - 1);
+    const int32_t yt = std::min(std::max(y0, 0), height - 1), yb = std::min(std::max(y0 + 1, 0), height - 1);
+    i0[j] = (yt * width + xl) * channels;
+    i1[j] = (yt * width + xr) * channels;
+    i2[j] = (yb * width + xl) * channels;
+    i3[j] = (yb * width + xr) * channels;
     inside[j] = in;
   }
   return bad == 0;
@@ -312,8 +317,8 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
   PixelPlan<acc_t> plan(grid, p.group);
   const int64_t P = geo.points, Cg = CG > 0 ? CG : p.group_channels, C = geo.channels;
   const int64_t hw_out = geo.height_out * geo.width_out;
-  // int32 pixel indices in the plan: larger images go point by point.
-  const bool plannable = geo.height_in * geo.width_in < (int64_t(1) << 31);
+  // int32 element offsets in the plan: larger images go point by point.
+  const bool plannable = geo.height_in * geo.width_in * C < (int64_t(1) << 31);
   acc_t acc_fixed[CG > 0 ? CG : 1];
   std::vector<acc_t> acc_any(CG > 0 ? 0 : Cg);
   acc_t* const acc = CG > 0 ? acc_fixed : acc_any.data();
@@ -338,17 +343,19 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
                           zeros.data());
       continue;
     }
+    // A corner outside the image reads a pixel inside with weight 0 (see PixelPlan): where that
+    // pixel is not finite, 0 * value makes the sum NaN although the corner must add nothing.
+    // Such a pixel (or a result that overflows) leaves a sum that is not finite, and the pixel
+    // is then recomputed point by point, which reads only the corners inside.
+    int32_t not_finite = 0;
     for (int64_t g = 0; g < p.group; ++g) {
       acc_t* __restrict a = acc;
       for (int64_t ch = 0; ch < Cg; ++ch) a[ch] = acc_t(0);
       const scalar_t* group_image = image + g * Cg;
       for (int64_t j = g * P; j < (g + 1) * P; ++j) {
         if (!plan.inside[j]) continue;
-        const int32_t c0 = plan.i0[j], c1 = plan.i1[j], c2 = plan.i2[j], c3 = plan.i3[j];
-        const scalar_t *__restrict v0 = c0 >= 0 ? group_image + c0 * C : zeros.data(),
-                                   *__restrict v1 = c1 >= 0 ? group_image + c1 * C : zeros.data(),
-                                   *__restrict v2 = c2 >= 0 ? group_image + c2 * C : zeros.data(),
-                                   *__restrict v3 = c3 >= 0 ? group_image + c3 * C : zeros.data();
+        const scalar_t *__restrict v0 = group_image + plan.i0[j], *__restrict v1 = group_image + plan.i1[j],
+                                   *__restrict v2 = group_image + plan.i2[j], *__restrict v3 = group_image + plan.i3[j];
         const acc_t w0 = plan.w0[j], w1 = plan.w1[j], w2 = plan.w2[j], w3 = plan.w3[j];
         if constexpr (kBf16) {
           if (pairs) {
@@ -367,6 +374,8 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
           a[ch] += w0 * widen(v0[ch]) + w1 * widen(v1[ch]) + w2 * widen(v2[ch]) + w3 * widen(v3[ch]);
         }
       }
+#pragma omp simd reduction(| : not_finite)
+      for (int64_t ch = 0; ch < Cg; ++ch) not_finite |= int32_t(!(a[ch] - a[ch] == acc_t(0)));
       scalar_t* out = output + idx * C + g * Cg;
       if (pairs) {
         for (int64_t i = 0; i < half; ++i) {
@@ -376,6 +385,10 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
       } else {
         for (int64_t ch = 0; ch < Cg; ++ch) out[ch] = narrow<scalar_t>(a[ch]);
       }
+    }
+    if (not_finite) {
+      forward_pixel_exact(image, off, msk, output + idx * C, base_x, base_y, grid, geo, p, acc, weights.data(),
+                          zeros.data());
     }
   }
 }
