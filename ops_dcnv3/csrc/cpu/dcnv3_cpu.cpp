@@ -338,9 +338,12 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
     const scalar_t* image = input + n * geo.height_in * geo.width_in * C;
     const scalar_t* off = offset + idx * p.offset_row;
     const scalar_t* msk = mask + idx * p.mask_row;
-    if (!plannable || !plan_pixel(off, msk, base_x, base_y, geo, p, plan)) {
+    const auto point_by_point = [&] {
       forward_pixel_exact(image, off, msk, output + idx * C, base_x, base_y, grid, geo, p, acc, weights.data(),
                           zeros.data());
+    };
+    if (!plannable || !plan_pixel(off, msk, base_x, base_y, geo, p, plan)) {
+      point_by_point();
       continue;
     }
     // A corner outside the image reads a pixel inside with weight 0 (see PixelPlan): where that
@@ -386,10 +389,7 @@ DCNV3_INLINE void forward_pixels(const scalar_t* __restrict input, const scalar_
         for (int64_t ch = 0; ch < Cg; ++ch) out[ch] = narrow<scalar_t>(a[ch]);
       }
     }
-    if (not_finite) {
-      forward_pixel_exact(image, off, msk, output + idx * C, base_x, base_y, grid, geo, p, acc, weights.data(),
-                          zeros.data());
-    }
+    if (not_finite) point_by_point();
   }
 }
 
